@@ -19,10 +19,10 @@ from .arch import TwoTowerArch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """NemotronH RMSNorm: computed in fp32, cast back to the input dtype, then scaled."""
+    """NemotronH RMSNorm: normalised and scaled in fp32, then cast back to the input dtype."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return (weight.float() * h).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
