@@ -72,9 +72,7 @@ def parse_decode_params(extra_args: Mapping[str, Any] | None) -> DecodeParams:
     extra = dict(extra_args or {})
     unknown = sorted(k for k in extra if k.startswith("twotower_") and k not in _KNOWN_KEYS)
     if unknown:
-        raise ValueError(
-            f"unknown TwoTower option(s) {unknown}; known: {sorted(_KNOWN_KEYS)}"
-        )
+        raise ValueError(f"unknown TwoTower option(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
     threshold = CONFIDENCE_THRESHOLD
     if extra.get(THRESHOLD_KEY) is not None:
         threshold = _number(THRESHOLD_KEY, extra[THRESHOLD_KEY])
@@ -88,7 +86,5 @@ def parse_decode_params(extra_args: Mapping[str, Any] | None) -> DecodeParams:
     if extra.get(CANVAS_KEY) is not None:
         width = _integer(CANVAS_KEY, extra[CANVAS_KEY])
         if width != BLOCK_SIZE:
-            raise ValueError(
-                f"{CANVAS_KEY} must be {BLOCK_SIZE} (the trained block), got {width}"
-            )
+            raise ValueError(f"{CANVAS_KEY} must be {BLOCK_SIZE} (the trained block), got {width}")
     return DecodeParams(threshold, steps)

@@ -23,12 +23,22 @@ def explicit_attention(q, k, v, visible):
 
 
 def test_attention_without_mask_sees_every_key(gen):
-    q, k, v = torch.randn(5, 4, 8, generator=gen), torch.randn(9, 2, 8, generator=gen), torch.randn(9, 2, 8, generator=gen)
-    torch.testing.assert_close(attention(q, k, v, None), explicit_attention(q, k, v, lambda i, j: True))
+    q, k, v = (
+        torch.randn(5, 4, 8, generator=gen),
+        torch.randn(9, 2, 8, generator=gen),
+        torch.randn(9, 2, 8, generator=gen),
+    )
+    torch.testing.assert_close(
+        attention(q, k, v, None), explicit_attention(q, k, v, lambda i, j: True)
+    )
 
 
 def test_attention_causal_offset(gen):
-    q, k, v = torch.randn(5, 4, 8, generator=gen), torch.randn(9, 2, 8, generator=gen), torch.randn(9, 2, 8, generator=gen)
+    q, k, v = (
+        torch.randn(5, 4, 8, generator=gen),
+        torch.randn(9, 2, 8, generator=gen),
+        torch.randn(9, 2, 8, generator=gen),
+    )
     got = attention(q, k, v, causal_offset=4)
     torch.testing.assert_close(got, explicit_attention(q, k, v, lambda i, j: j <= 4 + i))
 
@@ -51,9 +61,11 @@ def test_denoiser_attention_is_concat_context_then_block_unmasked(tiny_model, mo
     calls = _record_attention(monkeypatch)
     block = torch.tensor([[3] * 6 + [40] * 4 + [3] * 6])
     m.denoise(block, torch.tensor([12 / 16]), [cache])
-    attn_layers = [i for i, layer in enumerate(m.denoiser_tower.layers) if layer.kind == "attention"]
+    attn_layers = [
+        i for i, layer in enumerate(m.denoiser_tower.layers) if layer.kind == "attention"
+    ]
     assert len(calls) == len(attn_layers) >= 2
-    for (q, K, V, offset), i in zip(calls, attn_layers):
+    for (q, K, V, offset), i in zip(calls, attn_layers, strict=True):
         assert offset is None  # no mask, no causality: every block query sees everything
         assert q.shape[0] == 16 and K.shape[0] == cache.length + 16
         # context first (the context tower's layer-i K/V, untouched), then the block's own.

@@ -25,7 +25,9 @@ def test_greedy_is_deterministic_with_nfe(tiny_model, mode):
 
 
 def test_diffusion_nfe_accounting(tiny_model):
-    (r,) = generate_mask_diffusion(tiny_model, [PROMPTS[0]], 48, confidence_threshold=0.5, eos_token_id=[])
+    (r,) = generate_mask_diffusion(
+        tiny_model, [PROMPTS[0]], 48, confidence_threshold=0.5, eos_token_id=[]
+    )
     assert len(r.block_steps) == 3 and sum(r.block_steps) == r.nfe
     assert all(1 <= s <= 16 for s in r.block_steps)
     assert len(r.step_commits) == r.nfe and sum(r.step_commits) == 48
@@ -34,8 +36,14 @@ def test_diffusion_nfe_accounting(tiny_model):
 
 @pytest.mark.parametrize("threshold,steps", [(0.9, 16), (0.5, 16), (0.9, 8), (0.5, 4)])
 def test_diffusion_commit_counts_respect_the_rule(tiny_model, threshold, steps):
-    rs = generate_mask_diffusion(tiny_model, PROMPTS, 32, steps_per_block=steps,
-                                 confidence_threshold=threshold, eos_token_id=[])
+    rs = generate_mask_diffusion(
+        tiny_model,
+        PROMPTS,
+        32,
+        steps_per_block=steps,
+        confidence_threshold=threshold,
+        eos_token_id=[],
+    )
     for r in rs:
         assert all(1 <= s <= steps for s in r.block_steps)
         assert all(c >= 1 for c in r.step_commits)
@@ -44,16 +52,24 @@ def test_diffusion_commit_counts_respect_the_rule(tiny_model, threshold, steps):
 
 
 def test_threshold_trades_steps_for_quality(tiny_model):
-    strict = generate_mask_diffusion(tiny_model, PROMPTS, 32, confidence_threshold=0.95, eos_token_id=[])
-    loose = generate_mask_diffusion(tiny_model, PROMPTS, 32, confidence_threshold=0.3, eos_token_id=[])
+    strict = generate_mask_diffusion(
+        tiny_model, PROMPTS, 32, confidence_threshold=0.95, eos_token_id=[]
+    )
+    loose = generate_mask_diffusion(
+        tiny_model, PROMPTS, 32, confidence_threshold=0.3, eos_token_id=[]
+    )
     assert sum(r.nfe for r in loose) < sum(r.nfe for r in strict)
 
 
 def test_batch_equals_alone(tiny_model):
     """Per-request t and per-request caches: a request's output does not depend on its batch."""
-    batch = generate_mask_diffusion(tiny_model, PROMPTS, 32, confidence_threshold=0.7, eos_token_id=[])
-    for prompt, r in zip(PROMPTS, batch):
-        (alone,) = generate_mask_diffusion(tiny_model, [prompt], 32, confidence_threshold=0.7, eos_token_id=[])
+    batch = generate_mask_diffusion(
+        tiny_model, PROMPTS, 32, confidence_threshold=0.7, eos_token_id=[]
+    )
+    for prompt, r in zip(PROMPTS, batch, strict=True):
+        (alone,) = generate_mask_diffusion(
+            tiny_model, [prompt], 32, confidence_threshold=0.7, eos_token_id=[]
+        )
         assert alone.tokens == r.tokens and alone.nfe == r.nfe
 
 

@@ -27,7 +27,10 @@ import pytest
 import torch
 
 from vllm_twotower.reference import generate_ar, load_reference, read_state_dict
-from vllm_twotower.testing.hf_context_tower import import_transformers_nemotron_h, load_hf_context_tower
+from vllm_twotower.testing.hf_context_tower import (
+    import_transformers_nemotron_h,
+    load_hf_context_tower,
+)
 from vllm_twotower.testing.make_checkpoint import make_checkpoint
 
 try:
@@ -81,7 +84,9 @@ def test_hf_model_is_the_stock_pure_torch_nemotron_h(hf, tiny_path):
     assert type(hf) is NemotronHForCausalLM
     cfg = json.loads((tiny_path / "config.json").read_text())
     letters = {"linear_attention": "M", "full_attention": "*", "moe": "E", "mlp": "-"}
-    assert "".join(letters[t] for t in hf.config.layers_block_type) == cfg["hybrid_override_pattern"]
+    assert (
+        "".join(letters[t] for t in hf.config.layers_block_type) == cfg["hybrid_override_pattern"]
+    )
     assert hf.config.chunk_size == cfg["chunk_size"] == 128
     assert hf.config.n_groups == cfg["n_groups"]
     # No CUDA kernels: transformers falls back to its reference PyTorch implementations.
@@ -186,4 +191,6 @@ def test_stock_transformers_clamps_dt_at_time_step_min(tiny_path, ref32, tmp_pat
     assert all(torch.equal(same_weights[k], other_weights[k]) for k in same_weights)
     clamped = load_reference(clamped_path, router_dtype=torch.float32)
     assert clamped.arch.time_step_limit == (1e-3, math.inf)
-    torch.testing.assert_close(clamped.extend_context(clamped.new_cache(), ids), theirs, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(
+        clamped.extend_context(clamped.new_cache(), ids), theirs, atol=ATOL, rtol=RTOL
+    )

@@ -32,7 +32,10 @@ def sequential_mamba(mixer: Mamba2Mixer, h, conv_state, ssm_state):
         for head in range(mixer.n_heads):
             g = head // hpg
             decay = torch.exp(d[:, head] * A[head])[:, None, None]
-            state[:, head] = decay * state[:, head] + d[:, head, None, None] * x[:, head, :, None] * B[:, g, None, :]
+            state[:, head] = (
+                decay * state[:, head]
+                + d[:, head, None, None] * x[:, head, :, None] * B[:, g, None, :]
+            )
             y[:, head] = (state[:, head] * C[:, g, None, :]).sum(-1) + mixer.D[head] * x[:, head]
         ys.append(y.flatten(1))
     y = torch.stack(ys, 1).to(h.dtype)
@@ -84,10 +87,16 @@ def test_denoiser_mamba_reads_context_state_and_leaves_it_unchanged(tiny_model):
     block = torch.full((1, 16), 3)
     logits = m.denoise(block, torch.tensor([1.0]), [cache])
     for i in cache.ssm:
-        assert torch.equal(cache.ssm[i], before.ssm[i]) and torch.equal(cache.conv[i], before.conv[i])
+        assert torch.equal(cache.ssm[i], before.ssm[i]) and torch.equal(
+            cache.conv[i], before.conv[i]
+        )
     for i in cache.kv:
         assert torch.equal(cache.kv[i][0], before.kv[i][0])
     # Seeding matters: a zero-state ("unseeded") context changes the logits.
-    zeroed = ContextCache(cache.length, cache.kv, {i: c * 0 for i, c in cache.conv.items()},
-                          {i: s * 0 for i, s in cache.ssm.items()})
+    zeroed = ContextCache(
+        cache.length,
+        cache.kv,
+        {i: c * 0 for i, c in cache.conv.items()},
+        {i: s * 0 for i, s in cache.ssm.items()},
+    )
     assert not torch.allclose(m.denoise(block, torch.tensor([1.0]), [zeroed]), logits)

@@ -88,5 +88,7 @@ def test_no_time_conditioning_uses_stock_order(tiny_model, gen):
         layer = m.denoiser_tower.layers[i]
         x = torch.randn(1, 1, m.arch.hidden_size, generator=gen)
         h, out, result = _run_recording(m, i, x, None)
-        torch.testing.assert_close(h.reshape(x.shape), rms_norm(x, layer.norm.weight, layer.norm.eps))
+        torch.testing.assert_close(
+            h.reshape(x.shape), rms_norm(x, layer.norm.weight, layer.norm.eps)
+        )
         torch.testing.assert_close(result, x + out.reshape(x.shape))

@@ -50,24 +50,71 @@ def step(canvas, probs, s=0, T=16, thr=0.8, temp=0.0, seed=0):
 
 CASES = [
     # (name, canvas, [(tok, p)] per position, step, T, thr, expected canvas)
-    ("strict threshold: 0.5 is not > 0.5",
-     [M, M, M], [(5, 0.5), (6, 0.6), (0, 0.5)], 0, 16, 0.5, [M, 6, M]),
-    ("all above commit together",
-     [M, M, M], [(5, 0.9), (6, 0.95), (7, 0.85)], 0, 16, 0.8, [5, 6, 7]),
-    ("none above: the single most confident",
-     [M, M, M], [(5, 0.3), (6, 0.6), (7, 0.45)], 0, 16, 0.8, [M, 6, M]),
-    ("ties: lowest position wins",
-     [M, M, M, M], [(5, 0.4), (6, 0.6), (6, 0.6), (6, 0.6)], 0, 16, 0.8, [M, 6, M, M]),
-    ("steps < 16: at least ceil(n / (T - s)) = ceil(4/2)",
-     [M, M, M, M], [(5, 0.3), (6, 0.6), (7, 0.45), (4, 0.2)], 6, 8, 0.8, [M, 6, 7, M]),
-    ("last step force-commits everything",
-     [M, 1, M, M], [(5, 0.2), (6, 0.9), (7, 0.25), (4, 0.3)], 7, 8, 0.8, [5, 1, 7, 4]),
-    ("committed positions never change, even when confident",
-     [9, M, 10], [(5, 0.99), (6, 0.2), (7, 0.99)], 0, 16, 0.8, [9, 6, 10]),
-    ("threshold 1.0 commits one per step",
-     [M, M], [(5, 0.999), (6, 0.999)], 0, 16, 1.0, [5, M]),
-    ("mask token is never predicted",
-     [M], [(M, 0.9)], 0, 16, 0.8, None),
+    (
+        "strict threshold: 0.5 is not > 0.5",
+        [M, M, M],
+        [(5, 0.5), (6, 0.6), (0, 0.5)],
+        0,
+        16,
+        0.5,
+        [M, 6, M],
+    ),
+    (
+        "all above commit together",
+        [M, M, M],
+        [(5, 0.9), (6, 0.95), (7, 0.85)],
+        0,
+        16,
+        0.8,
+        [5, 6, 7],
+    ),
+    (
+        "none above: the single most confident",
+        [M, M, M],
+        [(5, 0.3), (6, 0.6), (7, 0.45)],
+        0,
+        16,
+        0.8,
+        [M, 6, M],
+    ),
+    (
+        "ties: lowest position wins",
+        [M, M, M, M],
+        [(5, 0.4), (6, 0.6), (6, 0.6), (6, 0.6)],
+        0,
+        16,
+        0.8,
+        [M, 6, M, M],
+    ),
+    (
+        "steps < 16: at least ceil(n / (T - s)) = ceil(4/2)",
+        [M, M, M, M],
+        [(5, 0.3), (6, 0.6), (7, 0.45), (4, 0.2)],
+        6,
+        8,
+        0.8,
+        [M, 6, 7, M],
+    ),
+    (
+        "last step force-commits everything",
+        [M, 1, M, M],
+        [(5, 0.2), (6, 0.9), (7, 0.25), (4, 0.3)],
+        7,
+        8,
+        0.8,
+        [5, 1, 7, 4],
+    ),
+    (
+        "committed positions never change, even when confident",
+        [9, M, 10],
+        [(5, 0.99), (6, 0.2), (7, 0.99)],
+        0,
+        16,
+        0.8,
+        [9, 6, 10],
+    ),
+    ("threshold 1.0 commits one per step", [M, M], [(5, 0.999), (6, 0.999)], 0, 16, 1.0, [5, M]),
+    ("mask token is never predicted", [M], [(M, 0.9)], 0, 16, 0.8, None),
 ]
 
 
@@ -78,7 +125,7 @@ def test_commit_rule(name, canvas, probs, s, T, thr, expected):
         assert M not in new
     else:
         assert new == expected
-    assert commit == [c == M and n != M for c, n in zip(canvas, new)]
+    assert commit == [c == M and n != M for c, n in zip(canvas, new, strict=True)]
 
 
 def test_confidence_is_the_probability_of_the_choice():

@@ -153,14 +153,20 @@ def test_deterministic(tmp_path):
 
 def test_deterministic_across_processes(tmp_path):
     """Python's hash seed and the Rust thread count must not change the output."""
-    code = ("import sys; from vllm_twotower.testing.tokenizer import build_tokenizer; "
-            "build_tokenizer(2048, sys.argv[1])")
+    code = (
+        "import sys; from vllm_twotower.testing.tokenizer import build_tokenizer; "
+        "build_tokenizer(2048, sys.argv[1])"
+    )
     outs = []
     for seed, threads in (("1", "1"), ("2", "4")):
         out = tmp_path / f"p{seed}"
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": seed,
-               "RAYON_NUM_THREADS": threads}
+        env = {
+            **os.environ,
+            "PYTHONPATH": path,
+            "PYTHONHASHSEED": seed,
+            "RAYON_NUM_THREADS": threads,
+        }
         subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env)
         outs.append((out / "tokenizer.json").read_bytes())
     build_tokenizer(2048, tmp_path / "here")

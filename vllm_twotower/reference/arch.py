@@ -82,7 +82,9 @@ class TwoTowerArch:
         elif "layers_block_type" in cfg:
             pattern = "".join(_BLOCK_TYPE_TO_LETTER[k] for k in cfg["layers_block_type"])
         else:
-            raise ValueError("config.json has neither hybrid_override_pattern nor layers_block_type")
+            raise ValueError(
+                "config.json has neither hybrid_override_pattern nor layers_block_type"
+            )
         bad = set(pattern) - set(LAYER_KINDS)
         if bad:
             raise ValueError(f"unknown layer letters {sorted(bad)} in pattern {pattern!r}")

@@ -89,7 +89,7 @@ def generate_mask_diffusion(
     prompts = _as_prompts(prompts)
     eos = set(_eos_ids(model, eos_token_id))
     caches = [model.new_cache() for _ in prompts]
-    for cache, prompt in zip(caches, prompts):
+    for cache, prompt in zip(caches, prompts, strict=True):
         model.extend_context(cache, torch.tensor(prompt))
     results = [GenerationResult([], 0) for _ in prompts]
     active = list(range(len(prompts)))

@@ -129,9 +129,10 @@ def ssd_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 SSD (state-space duality) scan in fp32, chunk by chunk.
 
-    Within a chunk the recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t + D x_t``
-    is evaluated in its quadratic "attention" form; the state is carried between chunks. The
-    result does not depend on ``chunk_size`` (only rounding does). Returns ``(y [B,L,H,P], h_L)``.
+    Within a chunk the recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``,
+    ``y_t = C_t h_t + D x_t`` is evaluated in its quadratic "attention" form; the state is
+    carried between chunks. The result does not depend on ``chunk_size`` (only rounding
+    does). Returns ``(y [B,L,H,P], h_L)``.
     """
     f32 = torch.float32
     x, dt, A, B, C, D = (v.to(f32) for v in (x, dt, A, B, C, D))
@@ -242,7 +243,11 @@ class Attention(nn.Module):
     def __init__(self, arch: TwoTowerArch):
         super().__init__()
         a = arch
-        self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.n_heads, self.n_kv, self.head_dim = (
+            a.num_attention_heads,
+            a.num_key_value_heads,
+            a.head_dim,
+        )
         bias = a.attention_bias
         self.q_proj = nn.Linear(a.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=bias)

@@ -68,8 +68,6 @@ def load_reference(
         )
     if dtype is None:
         dtype = state["lm_head.weight"].dtype
-    state = {
-        k: v if k.endswith(_KEEP_DTYPE_SUFFIXES) else v.to(dtype) for k, v in state.items()
-    }
+    state = {k: v if k.endswith(_KEEP_DTYPE_SUFFIXES) else v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()

@@ -1,4 +1,4 @@
-"""Both towers of Nemotron-Labs-TwoTower, in plain PyTorch; ``state_dict()`` keys == checkpoint keys.
+"""Both towers of Nemotron-Labs-TwoTower in plain PyTorch; ``state_dict()`` keys = checkpoint keys.
 
 * The **context tower** is a stock causal NemotronH. It owns the per-request cache: attention
   K/V and Mamba conv/SSM states (:class:`ContextCache`).
@@ -130,9 +130,11 @@ class TwoTowerReference(nn.Module):
             cache.conv[i], cache.ssm[i] = conv[0], ssm[0]
         elif layer.kind == "attention":
             q, k, v = layer.mixer.qkv(h[0])
-            K, V = (torch.cat([c, n]) for c, n in zip(cache.kv[i], (k, v)))
+            K, V = (torch.cat([c, n]) for c, n in zip(cache.kv[i], (k, v), strict=True))
             cache.kv[i] = (K, V)
-            out = layer.mixer.o_proj(attention(q, K, V, causal_offset=cache.length).flatten(-2))[None]
+            out = layer.mixer.o_proj(attention(q, K, V, causal_offset=cache.length).flatten(-2))[
+                None
+            ]
         else:
             out = layer.mixer(h)
         return x + out
@@ -183,7 +185,7 @@ class TwoTowerReference(nn.Module):
             rows = []
             for b, cache in enumerate(caches):
                 q, k, v = layer.mixer.qkv(h[b])
-                K, V = (torch.cat([c, n]) for c, n in zip(cache.kv[i], (k, v)))
+                K, V = (torch.cat([c, n]) for c, n in zip(cache.kv[i], (k, v), strict=True))
                 rows.append(attention(q, K, V, causal_offset=None).flatten(-2))
             out = layer.mixer.o_proj(torch.stack(rows))
         else:

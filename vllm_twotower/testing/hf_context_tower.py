@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mixer\.experts)\.(?P<e>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>.*\.mixer\.experts)\.(?P<e>\d+)\.(?P<proj>up_proj|down_proj)\.weight$"
+)
 
 
 def import_transformers_nemotron_h():
@@ -58,7 +60,9 @@ def hf_config_dict(path: str | Path) -> dict:
     return cfg
 
 
-def context_tower_state_dict(state: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
+def context_tower_state_dict(
+    state: dict[str, torch.Tensor], n_experts: int
+) -> dict[str, torch.Tensor]:
     """The TwoTower checkpoint's context-tower tensors under transformers' NemotronH names."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -76,7 +80,9 @@ def context_tower_state_dict(state: dict[str, torch.Tensor], n_experts: int) -> 
             out[key] = value
     for (prefix, proj), per_expert in experts.items():
         if sorted(per_expert) != list(range(n_experts)):
-            raise ValueError(f"{prefix}.*.{proj}: experts {sorted(per_expert)}, expected 0..{n_experts - 1}")
+            raise ValueError(
+                f"{prefix}.*.{proj}: experts {sorted(per_expert)}, expected 0..{n_experts - 1}"
+            )
         out[f"{prefix}.{proj}"] = torch.stack([per_expert[e] for e in range(n_experts)])
     return out
 
@@ -121,10 +127,14 @@ def load_hf_context_tower(
         )
     for name, param in model.state_dict().items():
         if hf_state[name].shape != param.shape:
-            shapes = f"checkpoint {tuple(hf_state[name].shape)} vs transformers {tuple(param.shape)}"
+            shapes = (
+                f"checkpoint {tuple(hf_state[name].shape)} vs transformers {tuple(param.shape)}"
+            )
             raise ValueError(f"{name}: {shapes}")
     # The e-score bias stays fp32 (transformers keeps it in fp32 too); the rest goes to ``dtype``.
-    hf_state = {k: v if k.endswith("e_score_correction_bias") else v.to(dtype) for k, v in hf_state.items()}
+    hf_state = {
+        k: v if k.endswith("e_score_correction_bias") else v.to(dtype) for k, v in hf_state.items()
+    }
     model.load_state_dict(hf_state, strict=True, assign=True)
     if dt_limit == "config":
         lo, hi = (float(v) for v in config.time_step_limit)

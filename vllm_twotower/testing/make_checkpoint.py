@@ -171,7 +171,11 @@ def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     conv_dim = d_inner + 2 * cfg["n_groups"] * cfg["ssm_state_size"]
     nh, q = cfg["mamba_num_heads"], cfg["num_attention_heads"] * cfg["head_dim"]
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-    E, I, S = cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["moe_shared_expert_intermediate_size"]
+    E, I, S = (  # noqa: E741 (the spec's names)
+        cfg["n_routed_experts"],
+        cfg["moe_intermediate_size"],
+        cfg["moe_shared_expert_intermediate_size"],
+    )
     per_kind = {
         "M": {
             "mixer.in_proj.weight": (d_inner + conv_dim + nh, H),
@@ -195,7 +199,10 @@ def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             **{f"mixer.experts.{e}.up_proj.weight": (I, H) for e in range(E)},
             **{f"mixer.experts.{e}.down_proj.weight": (H, I) for e in range(E)},
             **(
-                {"mixer.shared_experts.up_proj.weight": (S, H), "mixer.shared_experts.down_proj.weight": (H, S)}
+                {
+                    "mixer.shared_experts.up_proj.weight": (S, H),
+                    "mixer.shared_experts.down_proj.weight": (H, S),
+                }
                 if cfg["n_shared_experts"] > 0
                 else {}
             ),
@@ -215,14 +222,16 @@ def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         shapes[f"{tower}.norm_f.weight"] = (H,)
     shapes["context_lm_head.weight"] = (V, H)
     shapes["lm_head.weight"] = (V, H)
-    shapes.update({
-        "t_embedder.mlp.0.weight": (H, 256),
-        "t_embedder.mlp.0.bias": (H,),
-        "t_embedder.mlp.2.weight": (H, H),
-        "t_embedder.mlp.2.bias": (H,),
-        "t_block.1.weight": (3 * H, H),
-        "t_block.1.bias": (3 * H,),
-    })
+    shapes.update(
+        {
+            "t_embedder.mlp.0.weight": (H, 256),
+            "t_embedder.mlp.0.bias": (H,),
+            "t_embedder.mlp.2.weight": (H, H),
+            "t_embedder.mlp.2.bias": (H,),
+            "t_block.1.weight": (3 * H, H),
+            "t_block.1.bias": (3 * H,),
+        }
+    )
     for i in range(len(cfg["hybrid_override_pattern"])):
         shapes[f"scale_shift_tables.{i}"] = (3, H)
     return shapes
@@ -335,10 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: preset's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shards", type=int, default=1, help="number of safetensors files (index if > 1)")
+    p.add_argument(
+        "--shards", type=int, default=1, help="number of safetensors files (index if > 1)"
+    )
     p.add_argument("--pattern", help="override hybrid_override_pattern (letters M, E, *, -)")
     p.add_argument(
-        "--generation-temperature", type=float, help="write a temperature into generation_config.json"
+        "--generation-temperature",
+        type=float,
+        help="write a temperature into generation_config.json",
     )
     args = p.parse_args(argv)
     overrides = {"hybrid_override_pattern": args.pattern} if args.pattern else {}
@@ -347,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.generation_temperature is not None
         else None
     )
-    path = make_checkpoint(args.out, args.preset, args.dtype, args.seed, args.shards, gen_cfg, **overrides)
+    path = make_checkpoint(
+        args.out, args.preset, args.dtype, args.seed, args.shards, gen_cfg, **overrides
+    )
     n = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"wrote {args.preset} TwoTower checkpoint to {path} ({n / 2**20:.1f} MiB of weights)")
 

@@ -78,11 +78,45 @@ def count_words(text: str) -> dict[str, int]:
     return counts
 
 Numbers and dates: 1, 2, 3, 10, 42, 100, 2024-05-31, 3.14159, 1e-5, $19.99, 50%, #7, a+b=c.
-Some other writing: café, naïve, über, señor, Ελληνικά, русский, 日本語のテキスト, 中文, 한국어, 🙂🚀.
+Some other writing: café, naïve, über, señor, Ελληνικά, русский,
+日本語のテキスト, 中文, 한국어, 🙂🚀.
 """
 
-_ONSETS = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
-           "z", "br", "ch", "cl", "dr", "fl", "gr", "pl", "pr", "sh", "sl", "st", "str", "th", "tr"]
+_ONSETS = [
+    "",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "ch",
+    "cl",
+    "dr",
+    "fl",
+    "gr",
+    "pl",
+    "pr",
+    "sh",
+    "sl",
+    "st",
+    "str",
+    "th",
+    "tr",
+]
 _NUCLEI = ["a", "e", "i", "o", "u", "y", "ai", "ea", "ee", "io", "oo", "ou"]
 _CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "ng", "nd", "st", "ck", "rt", "x"]
 
@@ -92,8 +126,10 @@ def _pseudo_words(count: int, rng: random.Random) -> list[str]:
     words: list[str] = []
     seen: set[str] = set()
     while len(words) < count:
-        w = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
-                    for _ in range(rng.randint(1, 4)))
+        w = "".join(
+            rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+            for _ in range(rng.randint(1, 4))
+        )
         if w not in seen:
             seen.add(w)
             words.append(w)
@@ -121,7 +157,7 @@ def corpus(vocab_size: int) -> Iterator[str]:
         yield _ENGLISH
     line = 12
     for i in range(0, len(picks), line):
-        chunk = picks[i:i + line]
+        chunk = picks[i : i + line]
         sep = ", " if i % 7 == 0 else " "
         yield sep.join(chunk) + (".\n" if i % 5 else "\n\n")
 
@@ -166,8 +202,9 @@ def _fill(tok: Tokenizer, vocab_size: int) -> Tokenizer:
 def make_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
     """Train the stand-in tokenizer in memory (``texts`` defaults to ``corpus(vocab_size)``)."""
     if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB} (20 specials + 256 bytes), "
-                         f"got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be >= {_MIN_VOCAB} (20 specials + 256 bytes), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     # GPT-2-style pre-split, no prefix space: "hello" and " hello" stay distinct, nothing is added.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -204,8 +241,14 @@ def _additional_specials() -> list[str]:
 def tokenizer_config() -> dict:
     """``tokenizer_config.json``: the Nano base settings that matter (see the module doc)."""
     added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, t in enumerate(special_tokens())
     }
     return {
@@ -237,6 +280,11 @@ def build_tokenizer(vocab_size: int, out_dir: str | os.PathLike) -> None:
     tok = make_tokenizer(vocab_size)
     (out / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
-    smap = {"bos_token": BOS, "eos_token": IM_END, "unk_token": UNK, "pad_token": UNK,
-            "additional_special_tokens": _additional_specials()}
+    smap = {
+        "bos_token": BOS,
+        "eos_token": IM_END,
+        "unk_token": UNK,
+        "pad_token": UNK,
+        "additional_special_tokens": _additional_specials(),
+    }
     (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n")
