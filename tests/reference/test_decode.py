@@ -142,3 +142,13 @@ def test_ar_equals_context_tower_argmax_chain(tiny_model):
 def test_empty_prompt_is_rejected(tiny_model):
     with pytest.raises(ValueError, match="at least one token"):
         generate_mask_diffusion(tiny_model, [[]], 16)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
+def test_tiny_checkpoint_confidences_are_peaky_and_varied(tiny_model, threshold):
+    """The factory's scaling makes some steps commit several tokens and others only one."""
+    rs = generate_mask_diffusion(
+        tiny_model, PROMPTS, 48, confidence_threshold=threshold, eos_token_id=[]
+    )
+    commits = [c for r in rs for c in r.step_commits]
+    assert 1 in commits and max(commits) > 1
