@@ -32,7 +32,11 @@ def register() -> None:
     try:
         from vllm import ModelRegistry
 
+        from vllm_twotower import _compat_engine
+
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+        _compat_engine.install_config_hook()
+        _compat_engine.install_request_validation()
     except Exception:  # a broken plugin must not take vLLM down with it
         logger.exception("vllm_twotower: registering %s failed", ARCHITECTURE)
     missing = _cpu_triton.missing_reason()

@@ -1,0 +1,94 @@
+"""Per-request diffusion state, slot-indexed and pre-allocated (no per-request Python objects).
+
+vLLM spreads one block's denoising loop over engine steps, so each request's place in the loop
+lives here between steps, indexed by the runner's request slot. A request moves through
+
+    PREFILL --(last prompt chunk)--> DENOISE --(no mask left)--> COMMIT --(16 tokens out)--> DENOISE
+
+* PREFILL rows run the context tower over prompt chunks and emit nothing;
+* DENOISE rows run the denoiser on the canvas and apply one unmasking step (one NFE);
+* COMMIT rows run the context tower over the finished canvas (extending its KV cache and Mamba
+  state) and emit its 16 tokens; the next block starts all-[MASK].
+
+The transition rules are the reference's (:func:`vllm_twotower.reference.unmask_step`), so the
+engine's tokens equal :func:`vllm_twotower.reference.generate_mask_diffusion`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import BLOCK_SIZE, MASK_TOKEN_ID, DecodeParams
+from ..reference.unmask import UnmaskResult, unmask_step
+
+PREFILL, DENOISE, COMMIT = 0, 1, 2
+
+
+class TwoTowerRequestStates:
+    def __init__(self, max_num_reqs: int, device: torch.device | str = "cpu"):
+        r, dev = max_num_reqs, device
+        self.max_num_reqs = r
+        # The canvas of the current block; [MASK] where not committed yet.
+        self.canvas = torch.full((r, BLOCK_SIZE), MASK_TOKEN_ID, dtype=torch.long, device=dev)
+        # Denoising steps taken in the current block (the commit rule's `s`).
+        self.step = torch.zeros(r, dtype=torch.long, device=dev)
+        # Where the request is in the loop (PREFILL / DENOISE / COMMIT). Host copy: the row
+        # split between towers is decided on the host before each forward.
+        self.phase = torch.zeros(r, dtype=torch.int8)
+        # Per-request knobs (SamplingParams + extra_args, validated in config.py).
+        self.threshold = torch.zeros(r, dtype=torch.float32, device=dev)
+        self.steps_per_block = torch.zeros(r, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(r, dtype=torch.float32, device=dev)
+        self.seed = torch.zeros(r, dtype=torch.long, device=dev)
+        # Denoiser forwards so far (NFE), for tokens-per-forward reporting.
+        self.nfe = torch.zeros(r, dtype=torch.long, device=dev)
+
+    def add_request(
+        self, slot: int, params: DecodeParams, temperature: float = 0.0, seed: int = 0
+    ) -> None:
+        self.phase[slot] = PREFILL
+        self.threshold[slot] = params.confidence_threshold
+        self.steps_per_block[slot] = params.steps_per_block
+        self.temperature[slot] = temperature
+        self.seed[slot] = seed
+        self.nfe[slot] = 0
+        self.step[slot] = 0
+        self.canvas[slot] = MASK_TOKEN_ID
+
+    def start_block(self, slots: torch.Tensor) -> None:
+        """A fresh all-[MASK] canvas for ``slots`` (after the prompt, or after a commit)."""
+        self.canvas[slots] = MASK_TOKEN_ID
+        self.step[slots] = 0
+        self.phase[slots.cpu()] = DENOISE
+
+    def denoise(
+        self, slots: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
+    ) -> UnmaskResult:
+        """One unmasking step for ``slots`` from their denoiser logits ``[n, 16, V]``.
+
+        ``positions [n, 16]`` are the canvas tokens' absolute positions (sampling noise is a
+        function of them). A canvas with no mask left moves to COMMIT.
+        """
+        res = unmask_step(
+            logits,
+            self.canvas[slots],
+            self.step[slots],
+            self.steps_per_block[slots],
+            self.threshold[slots],
+            self.temperature[slots],
+            self.seed[slots],
+            positions,
+            MASK_TOKEN_ID,
+        )
+        self.canvas[slots] = res.canvas
+        self.step[slots] += 1
+        self.nfe[slots] += 1
+        full = ~(res.canvas == MASK_TOKEN_ID).any(-1)
+        self.phase[slots[full].cpu()] = COMMIT
+        return res
+
+    def commit(self, slots: torch.Tensor) -> torch.Tensor:
+        """The finished canvases of ``slots`` (to emit); their next block starts."""
+        tokens = self.canvas[slots].clone()
+        self.start_block(slots)
+        return tokens
