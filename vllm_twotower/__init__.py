@@ -37,6 +37,7 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
         _compat_engine.install_config_hook()
         _compat_engine.install_request_validation()
+        _compat_engine.install_cpu_moe()
     except Exception:  # a broken plugin must not take vLLM down with it
         logger.exception("vllm_twotower: registering %s failed", ARCHITECTURE)
     missing = _cpu_triton.missing_reason()

@@ -106,3 +106,47 @@ def validate_twotower_request(params) -> None:
         parse_decode_params(params.extra_args)
     except ValueError as exc:
         raise VLLMValidationError(str(exc), parameter="vllm_xargs") from exc
+
+
+def install_cpu_moe() -> None:
+    """Offer :class:`~vllm_twotower.model.cpu_moe.CpuRelu2Experts` first to vLLM's CPU MoE
+    backend selection (``oracle.unquantized.backend_to_kernel_cls``, vLLM 0.32).
+
+    vLLM's CPU experts reject non-gated relu² (NemotronH's experts), which would leave the
+    model without any backend. Ours declines every other activation, so gated MoE models
+    still get vLLM's kernels; non-CPU platforms are untouched.
+    """
+    from vllm.model_executor.layers.fused_moe.oracle import unquantized
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or getattr(unquantized.backend_to_kernel_cls, "_tt", 0):
+        return
+    original = unquantized.backend_to_kernel_cls
+
+    def backend_to_kernel_cls(backend):
+        classes = original(backend)
+        if backend == unquantized.UnquantizedMoeBackend.CPU:
+            from .model.cpu_moe import CpuRelu2Experts
+
+            classes = [CpuRelu2Experts, *classes]
+        return classes
+
+    backend_to_kernel_cls._tt = 1
+    unquantized.backend_to_kernel_cls = backend_to_kernel_cls
+
+    # FusedMoEConfig.__post_init__ ends by refusing non-gated experts off CUDA/XPU/ROCm
+    # (the check is its last statement in 0.32): skip that refusal for relu² only, which
+    # CpuRelu2Experts now serves.
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+
+    post_init = FusedMoEConfig.__post_init__
+
+    def __post_init__(self):
+        try:
+            post_init(self)
+        except NotImplementedError as exc:
+            if self.activation != MoEActivation.RELU2_NO_MUL or "is_act_and_mul" not in str(exc):
+                raise
+
+    FusedMoEConfig.__post_init__ = __post_init__

@@ -84,13 +84,14 @@ def test_ar_mode_parity(ar_llm, reference):
 
 def test_invalid_knobs_are_rejected_naming_the_key(diffusion_llm):
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     for extra, key in [
         ({"twotower_confidence_threshold": 1.5}, "twotower_confidence_threshold"),
         ({"diffusion_max_steps": 0}, "diffusion_max_steps"),
         ({"twotower_bogus": 1}, "twotower_bogus"),
     ]:
-        with pytest.raises(ValueError, match=key):
+        with pytest.raises(VLLMValidationError, match=key):
             diffusion_llm.generate(
                 [{"prompt_token_ids": [5, 6]}],
                 SamplingParams(temperature=0, max_tokens=4, extra_args=extra),

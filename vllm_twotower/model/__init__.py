@@ -1,0 +1,1 @@
+"""vLLM ``nn.Module``s of TwoTower (imported lazily by vLLM through ``MODEL_CLASS``)."""
