@@ -32,12 +32,13 @@ def register() -> None:
     try:
         from vllm import ModelRegistry
 
-        from vllm_twotower import _compat_engine
+        from vllm_twotower import _compat
 
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-        _compat_engine.install_config_hook()
-        _compat_engine.install_request_validation()
-        _compat_engine.install_cpu_moe()
+        _compat.install_config_hook()
+        _compat.install_request_validation()
+        _compat.install_block_room_check()
+        _compat.install_cpu_moe()
     except Exception:  # a broken plugin must not take vLLM down with it
         logger.exception("vllm_twotower: registering %s failed", ARCHITECTURE)
     missing = _cpu_triton.missing_reason()

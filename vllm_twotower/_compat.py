@@ -8,6 +8,8 @@ this file stays cheap (``register()`` runs in every vLLM process, GPU hosts incl
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 
 SUPPORTED_VLLM = (0, 32)
@@ -35,38 +37,79 @@ check_vllm_version(_installed_vllm_version())
 
 # --- CPU MoE: non-gated relu² experts ------------------------------------------------------
 #
-# Bend (vLLM 0.32, CPU platform only): wraps
-# ``vllm.model_executor.layers.fused_moe.oracle.unquantized.backend_to_kernel_cls`` so that,
-# for ``UnquantizedMoeBackend.CPU``, the candidate experts classes end with our
-# ``CpuRelu2Experts``.
-# Why: NemotronH's routed experts are non-gated relu² (``relu2_no_mul``) and vLLM 0.32's CPU
-# experts classes accept only gated activations, so ``select_unquantized_moe_backend`` raises
-# "No Unquantized MoE backend supports the deployment configuration" while building the
-# model. There is no registration point for experts classes in 0.32; this list is the seam
-# the oracle walks (``is_supported_config`` on each class, first match wins), looked up as a
-# module global at call time, so wrapping it leaves FusedMoE itself (weight loader, TP/EP
-# sharding, CPU router, prepare/finalize) untouched. vLLM's own classes stay first, and ours
-# declines every other activation and every non-CPU device, so other MoE models select
-# exactly what they did before. Not applied on CUDA/ROCm/XPU: there FusedMoE runs unchanged.
+# NemotronH's routed experts are non-gated relu² (``relu2_no_mul``: up -> relu² -> down). vLLM
+# 0.32 on the CPU platform refuses them twice while building the model, before any weight is
+# loaded; two bends, both applied by install_cpu_moe() on the CPU platform only, let FusedMoE
+# run them with our CpuRelu2Experts while everything else in FusedMoE stays vLLM's code
+# (weight loader, TP/EP sharding, CPU router, prepare/finalize, all-reduce). On CUDA, ROCm
+# and XPU nothing is changed and FusedMoE runs its own kernels.
+#
+# Bend 1 (vLLM 0.32): wraps ``fused_moe.config.FusedMoEConfig.__post_init__``.
+#   What: for ``activation == relu2_no_mul`` only, the original runs while the config shows
+#   the gated twin ``relu2``; the activation is restored before the constructor returns.
+#   Why: 0.32 ends ``__post_init__`` with "is_act_and_mul=False is supported only for CUDA,
+#   XPU and ROCm for now", a blanket refusal of non-gated MoE off those platforms. Besides
+#   that check, ``is_act_and_mul`` only feeds ROCm AITER flags there (False on CPU), so the
+#   config comes out exactly as on a GPU. Other activations pass through untouched.
+# Bend 2 (vLLM 0.32): wraps ``fused_moe.oracle.unquantized.backend_to_kernel_cls``.
+#   What: for ``UnquantizedMoeBackend.CPU`` the list of candidate experts classes gets our
+#   ``CpuRelu2Experts`` appended after vLLM's own classes.
+#   Why: 0.32's CPU experts accept gated activations only, so ``select_unquantized_moe_backend``
+#   raises "No Unquantized MoE backend supports the deployment configuration". 0.32 has no
+#   registration point for experts classes; this list is what the oracle walks (first class
+#   whose ``is_supported_config`` accepts wins) and it is looked up as a module global at
+#   call time, so one wrapper covers the function and ``UnquantizedMoEKernelOracle``. Our
+#   class accepts only ``relu2_no_mul``, unquantized, on CPU, and comes last: every
+#   configuration vLLM's classes accept selects exactly what it did before.
 
-_CPU_MOE_MARK = "_vllm_twotower_cpu_moe"
+_MARK = "_vllm_twotower_cpu_moe"  # set on our wrappers, so installing twice is a no-op
 
 
 def install_cpu_moe() -> bool:
-    """Make vLLM's CPU MoE backend accept non-gated relu² experts (CPU platform only).
+    """Let vLLM's FusedMoE run NemotronH's non-gated relu² experts on the CPU platform.
 
-    Idempotent and cheap; call it in every vLLM process before models are built (the
-    plugin's ``register()`` does). Returns whether the hook is active in this process.
+    Idempotent and cheap; must run in every vLLM process before models are built (the
+    plugin's ``register()`` does). Does nothing off the CPU platform. Returns whether the
+    bends are active in this process.
     """
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return False
+    _allow_non_gated_relu2_config()
+    _offer_cpu_relu2_experts()
+    return True
+
+
+def _allow_non_gated_relu2_config() -> None:
+    """Bend 1 above."""
+    from vllm.model_executor.layers.fused_moe import FusedMoEConfig, MoEActivation
+
+    original = FusedMoEConfig.__post_init__
+    if getattr(original, _MARK, False):
+        return
+
+    def __post_init__(self):
+        if self.activation != MoEActivation.RELU2_NO_MUL:
+            return original(self)
+        self.activation = MoEActivation.RELU2
+        try:
+            return original(self)
+        finally:
+            self.activation = MoEActivation.RELU2_NO_MUL
+
+    setattr(__post_init__, _MARK, True)
+    __post_init__.__wrapped__ = original
+    FusedMoEConfig.__post_init__ = __post_init__
+
+
+def _offer_cpu_relu2_experts() -> None:
+    """Bend 2 above."""
     from vllm.model_executor.layers.fused_moe.oracle import unquantized
 
     original = unquantized.backend_to_kernel_cls
-    if getattr(original, _CPU_MOE_MARK, False):
-        return True
+    if getattr(original, _MARK, False):
+        return
 
     def backend_to_kernel_cls(backend):
         classes = original(backend)
@@ -77,10 +120,9 @@ def install_cpu_moe() -> bool:
                 classes = [*classes, CpuRelu2Experts]
         return classes
 
-    setattr(backend_to_kernel_cls, _CPU_MOE_MARK, True)
+    setattr(backend_to_kernel_cls, _MARK, True)
     backend_to_kernel_cls.__wrapped__ = original
     unquantized.backend_to_kernel_cls = backend_to_kernel_cls
-    return True
 
 
 def moe_already_reduced():
@@ -94,3 +136,154 @@ def moe_already_reduced():
     )
 
     return TopKWeightAndReduceNoOP()
+
+
+# --- Engine: diffusion mode for TwoTower ------------------------------------------------
+
+
+def disown_cache_layers(vllm_config, tower) -> None:
+    """Take ``tower``'s attention and Mamba modules out of vLLM's layer registry.
+
+    vLLM 0.32 allocates a KV cache / Mamba state for every ``Attention``/``MambaBase`` in
+    ``compilation_config.static_forward_context``. The denoiser reads the context tower's
+    caches instead, so its own modules (kept for their projections) must own none.
+    """
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+
+    registry = vllm_config.compilation_config.static_forward_context
+    for module in tower.modules():
+        if isinstance(module, MambaMixer2):
+            registry.pop(module.prefix)
+        elif isinstance(module, Attention):
+            registry.pop(module.layer_name)
+
+
+@functools.cache
+def _no_spec_slots_mixer_cls():
+    """MambaMixer2 whose state has no speculative slots (diffusion mode only).
+
+    vLLM 0.32 treats a diffusion canvas as 16 speculative tokens, which would give every
+    context Mamba layer 1 + 16 state slots per request and a conv state 16 columns wider.
+    TwoTower's context tower only ever advances on committed blocks: one slot suffices.
+    """
+    from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+
+    class NoSpecSlotsMambaMixer2(MambaMixer2):
+        def get_kv_cache_spec(self, vllm_config):
+            spec = super().get_kv_cache_spec(vllm_config)
+            return None if spec is None else dataclasses.replace(spec, num_speculative_blocks=0)
+
+    return MambaMixer2, NoSpecSlotsMambaMixer2
+
+
+def drop_spec_slots(tower) -> None:
+    """Give ``tower``'s Mamba mixers a single state slot per request (see above)."""
+    base, no_spec = _no_spec_slots_mixer_cls()
+    for module in tower.modules():
+        if type(module) is base:
+            module.__class__ = no_spec  # adds no state, overrides one method
+            module.num_spec = 0
+
+
+ARCHITECTURE = "NemotronHTwoTowerForCausalLM"
+
+
+def install_config_hook() -> None:
+    """Register TwoTower's config hook for its architecture (``MODELS_CONFIG_MAP`` is a plain
+    dict in vLLM 0.32; DiffusionGemma's hook lives there too)."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .config_hook import TwoTowerConfigHook
+
+    MODELS_CONFIG_MAP[ARCHITECTURE] = TwoTowerConfigHook
+
+
+def install_request_validation() -> None:
+    """Let TwoTower requests use ``temperature`` and ``seed`` with their usual meaning.
+
+    vLLM 0.32 rejects ``temperature != 1`` and ``seed`` for *every* diffusion model in
+    ``SamplingParams._validate_diffusion`` (DiffusionGemma has a fixed temperature schedule),
+    before any model code runs. TwoTower samples each canvas position exactly like the
+    reference (greedy at 0, Gumbel-max with a per-request seed above 0), so for this
+    architecture only the check is replaced by :func:`validate_twotower_request`; every other
+    model keeps vLLM's.
+    """
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._validate_diffusion
+    if getattr(original, "_twotower", False):
+        return
+
+    def _validate_diffusion(self, model_config):
+        if model_config.is_diffusion and model_config.architecture == ARCHITECTURE:
+            validate_twotower_request(self)
+        else:
+            original(self, model_config)
+
+    _validate_diffusion._twotower = True
+    SamplingParams._validate_diffusion = _validate_diffusion
+
+
+def validate_twotower_request(params) -> None:
+    """Reject what diffusion decoding cannot honour, naming the field (HTTP 400 upstream)."""
+    from vllm.exceptions import VLLMValidationError
+
+    from .config import parse_decode_params
+
+    unsupported = {
+        "min_p": params.min_p > 1e-6,
+        "min_tokens": params.min_tokens > 0,
+        "logit_bias": bool(params.logit_bias),
+        "bad_words": bool(params.bad_words),
+        "allowed_token_ids": bool(params.allowed_token_ids),
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            raise VLLMValidationError(
+                f"{name} is not supported by TwoTower diffusion decoding", parameter=name
+            )
+    try:
+        parse_decode_params(params.extra_args)
+    except ValueError as exc:
+        raise VLLMValidationError(str(exc), parameter="vllm_xargs") from exc
+
+
+def install_block_room_check() -> None:
+    """Make every TwoTower diffusion request fit whole 16-token blocks (vLLM 0.32 frontend).
+
+    Wraps ``InputProcessor.process_inputs``: a prompt that leaves no room for one block before
+    ``max_model_len`` is rejected (HTTP 400), and ``max_tokens`` is capped so the last block
+    ends by ``max_model_len``. Otherwise vLLM's scheduler would hand out a truncated canvas at
+    the end of the context, which block diffusion cannot denoise like the trained 16-token
+    block. Such a request stops at most 15 tokens before ``max_model_len`` (``length``).
+    """
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from .config import BLOCK_SIZE
+
+    original = InputProcessor.process_inputs
+    if getattr(original, "_twotower", False):
+        return
+
+    def process_inputs(self, *args, **kwargs):
+        request = original(self, *args, **kwargs)
+        mc = self.model_config
+        sp = request.sampling_params
+        if not (mc.is_diffusion and mc.architecture == ARCHITECTURE) or sp is None:
+            return request
+        prompt_len = len(request.prompt_token_ids or ())
+        room = (mc.max_model_len - prompt_len) // BLOCK_SIZE * BLOCK_SIZE
+        if room < BLOCK_SIZE:
+            raise VLLMValidationError(
+                f"The prompt (length {prompt_len}) leaves no room for one {BLOCK_SIZE}-token "
+                f"diffusion block before max_model_len={mc.max_model_len}.",
+                parameter="max_model_len",
+            )
+        if sp.max_tokens is None or sp.max_tokens > room:
+            sp.max_tokens = room
+        return request
+
+    process_inputs._twotower = True
+    InputProcessor.process_inputs = process_inputs

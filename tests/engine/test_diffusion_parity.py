@@ -99,3 +99,19 @@ def test_invalid_knobs_are_rejected_naming_the_key(diffusion_llm):
             )
     # the engine still serves
     assert len(_generate(diffusion_llm, [[5, 6]], _params(4))[0]) == 4
+
+
+def test_prompt_without_room_for_a_block_is_rejected(diffusion_llm):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="no room for one 16-token"):
+        diffusion_llm.generate([{"prompt_token_ids": [5] * 500}], _params(8), use_tqdm=False)
+
+
+def test_generation_stops_on_a_block_boundary_before_max_model_len(diffusion_llm, reference):
+    """max_model_len 512, prompt 470: 42 tokens of room, so 32 (two whole blocks) at most."""
+    prompt = _prompts(1, seed=5, lengths=(470,))[0]
+    (tokens,) = _generate(diffusion_llm, [prompt], _params(100, ignore_eos=True))
+    assert len(tokens) == 32
+    (r,) = generate_mask_diffusion(reference, [prompt], 32, eos_token_id=[])
+    assert tokens == r.tokens

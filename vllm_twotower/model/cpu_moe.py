@@ -41,30 +41,31 @@ def relu2_experts(
 
     Only this rank's experts contribute (a TP rank holds a slice of every expert's
     intermediate dim, an EP rank whole experts; FusedMoE reduces across ranks afterwards).
-    The (token, slot) pairs are sorted by local expert once, then each expert that some token
-    chose runs two matmuls over its tokens in the activation dtype; the weighted sum
-    accumulates in fp32.
+    The (token, slot) pairs are sorted by local expert and their inputs gathered once; each
+    expert that some token chose then runs two matmuls over its contiguous rows in the
+    activation dtype and adds its weighted rows into the fp32 output.
     """
     num_tokens, top_k = topk_ids.shape
     num_local = w_up.shape[0]
     ids = topk_ids.reshape(-1).long()
     if expert_map is not None:
         ids = expert_map[ids].long()
-    order = torch.argsort(ids, stable=True)  # slots of remote experts (-1) come first
     counts = torch.bincount(ids + 1, minlength=num_local + 1).tolist()
-    weights = topk_weights.reshape(-1).float()
+    order = torch.argsort(ids, stable=True)[counts[0] :]  # drop other ranks' experts (-1)
+    tokens = order // top_k
+    rows = hidden[tokens]  # [slots, H], grouped by expert
+    weights = topk_weights.reshape(-1)[order].float()[:, None]
     out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    start = counts[0]
+    start = 0
     for e, n in enumerate(counts[1:]):
         if n == 0:
             continue
-        slots = order[start : start + n]
+        seg = slice(start, start + n)
         start += n
-        tokens = slots // top_k
-        h = F.linear(hidden[tokens], w_up[e], None if b_up is None else b_up[e])
+        h = F.linear(rows[seg], w_up[e], None if b_up is None else b_up[e])
         h = torch.relu_(h).square_()
         y = F.linear(h, w_down[e], None if b_down is None else b_down[e])
-        out.index_add_(0, tokens, y.float() * weights[slots, None])
+        out.index_add_(0, tokens[seg], y.float() * weights[seg])
     return out
 
 

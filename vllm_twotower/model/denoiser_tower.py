@@ -19,7 +19,7 @@ from torch import nn
 from vllm.model_executor.models.nemotron_h import NemotronHModel
 from vllm.model_executor.models.utils import maybe_prefix
 
-from .._compat_engine import disown_cache_layers
+from .._compat import disown_cache_layers
 from ..reference.layers import timestep_embedding
 
 

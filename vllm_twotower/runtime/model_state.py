@@ -15,6 +15,8 @@ Mamba metadata (whose builder assumes one tower and speculative decoding).
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,9 @@ from ..model.mamba import MambaRows
 from ..model.two_tower import StepPlan
 from .request_state import DENOISE, TwoTowerRequestStates
 from .sampler import TwoTowerSampler
+
+logger = logging.getLogger("vllm_twotower")
+_LOG_INTERVAL_S = 10.0
 
 
 def _token_indices(qsl: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -44,6 +49,36 @@ class TwoTowerModelState(DefaultModelState):
         self.chunk_size = self.model_config.get_mamba_chunk_size()
         # Per-request causal flags, int32 as the attention backends require.
         self._causal = torch.zeros(self.max_num_reqs, dtype=torch.int32, device=device)
+        self._slot_of: dict[str, int] = {}
+        self._last_log = time.monotonic()
+
+    def add_request(self, req_index: int, new_req_data) -> None:
+        super().add_request(req_index, new_req_data)
+        self._slot_of[new_req_data.req_id] = req_index
+
+    def remove_request(self, req_id: str) -> None:
+        """Finished, aborted or preempted: log its NFE (vLLM's step counter includes commits)."""
+        super().remove_request(req_id)
+        slot = self._slot_of.pop(req_id, None)
+        if slot is None:
+            return
+        s = self.states
+        logger.debug(
+            "TwoTower request %s: %d denoiser forwards, %d blocks",
+            req_id,
+            int(s.nfe[slot]),
+            int(s.blocks[slot]),
+        )
+        now = time.monotonic()
+        if now - self._last_log > _LOG_INTERVAL_S and s.total_nfe:
+            self._last_log = now
+            logger.info(
+                "TwoTower: %d denoiser forwards (NFE), %d committed blocks: %.2f tokens per "
+                "denoiser forward",
+                s.total_nfe,
+                s.total_blocks,
+                16 * s.total_blocks / s.total_nfe,
+            )
 
     def get_supported_generation_tasks(self):
         return ("generate",)

@@ -40,8 +40,12 @@ class TwoTowerRequestStates:
         self.steps_per_block = torch.zeros(r, dtype=torch.long, device=dev)
         self.temperature = torch.zeros(r, dtype=torch.float32, device=dev)
         self.seed = torch.zeros(r, dtype=torch.long, device=dev)
-        # Denoiser forwards so far (NFE), for tokens-per-forward reporting.
+        # Denoiser forwards so far (NFE) and blocks committed, for tokens-per-forward reports.
         self.nfe = torch.zeros(r, dtype=torch.long, device=dev)
+        self.blocks = torch.zeros(r, dtype=torch.long, device=dev)
+        # Engine-wide totals since start (host ints): denoiser forwards and committed blocks.
+        self.total_nfe = 0
+        self.total_blocks = 0
 
     def add_request(
         self, slot: int, params: DecodeParams, temperature: float = 0.0, seed: int = 0
@@ -52,6 +56,7 @@ class TwoTowerRequestStates:
         self.temperature[slot] = temperature
         self.seed[slot] = seed
         self.nfe[slot] = 0
+        self.blocks[slot] = 0
         self.step[slot] = 0
         self.canvas[slot] = MASK_TOKEN_ID
 
@@ -83,6 +88,7 @@ class TwoTowerRequestStates:
         self.canvas[slots] = res.canvas
         self.step[slots] += 1
         self.nfe[slots] += 1
+        self.total_nfe += len(slots)
         full = ~(res.canvas == MASK_TOKEN_ID).any(-1)
         self.phase[slots[full].cpu()] = COMMIT
         return res
@@ -90,5 +96,7 @@ class TwoTowerRequestStates:
     def commit(self, slots: torch.Tensor) -> torch.Tensor:
         """The finished canvases of ``slots`` (to emit); their next block starts."""
         tokens = self.canvas[slots].clone()
+        self.blocks[slots] += 1
+        self.total_blocks += len(slots)
         self.start_block(slots)
         return tokens
