@@ -76,6 +76,27 @@ class TwoTowerConfigHook:
         _configure_diffusion(vllm_config)
 
 
+def _default_temperature(model_config) -> None:
+    """Requests that set no temperature decode greedily, unless the checkpoint says otherwise.
+
+    vLLM fills unset sampling fields from ``generation_config.json``; without a temperature
+    there it would sample at 1.0, while TwoTower's operating point is greedy (NVIDIA's
+    reference and Megatron server default to temperature 0).
+    """
+    overrides = model_config.override_generation_config
+    if "temperature" in overrides:
+        return
+    from_checkpoint = model_config.try_get_generation_config().get("temperature")
+    if from_checkpoint is None:
+        overrides["temperature"] = 0.0
+        logger.info("TwoTower: requests without a temperature decode greedily (temperature 0)")
+    else:
+        logger.info(
+            "TwoTower: requests without a temperature use generation_config.json's %s",
+            from_checkpoint,
+        )
+
+
 def _configure_diffusion(vllm_config) -> None:
     from vllm.config.diffusion import DiffusionConfig
 
@@ -98,6 +119,7 @@ def _configure_diffusion(vllm_config) -> None:
             dc.max_denoising_steps = STEPS_PER_BLOCK
 
     model_config = vllm_config.model_config
+    _default_temperature(model_config)
     if not model_config.enforce_eager:
         # A FULL CUDA graph captured for one context/denoiser row split would be replayed
         # for another; eager until graphs are captured per split.

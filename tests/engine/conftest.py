@@ -11,9 +11,17 @@ import pytest
 from vllm_twotower.testing.make_checkpoint import make_checkpoint
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Lets tests ask the worker for the ModelState's NFE counters through collective_rpc(fn).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 # A small token budget, so long prompts are chunked and steps mix prefill, denoise and commit.
-ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128)
+ENGINE_KW = dict(
+    dtype="float32",
+    max_model_len=512,
+    max_num_seqs=8,
+    max_num_batched_tokens=128,
+    disable_log_stats=False,  # so the vllm:diffusion_* metrics are collected
+)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from vllm_twotower.reference import generate_ar, generate_mask_diffusion
+from vllm_twotower.reference import generate_mask_diffusion
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -74,14 +74,6 @@ def test_exact_lengths(diffusion_llm, reference, max_tokens):
     assert tokens == r.tokens[:max_tokens]
 
 
-def test_ar_mode_parity(ar_llm, reference):
-    prompts = _prompts(4, seed=4)
-    got = _generate(ar_llm, prompts, _params(24))
-    for prompt, tokens in zip(prompts, got, strict=True):
-        (r,) = generate_ar(reference, [prompt], 24)
-        assert tokens == r.output_ids(24, STOP_IDS)
-
-
 def test_invalid_knobs_are_rejected_naming_the_key(diffusion_llm):
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
@@ -115,3 +107,66 @@ def test_generation_stops_on_a_block_boundary_before_max_model_len(diffusion_llm
     assert len(tokens) == 32
     (r,) = generate_mask_diffusion(reference, [prompt], 32, eos_token_id=[])
     assert tokens == r.tokens
+
+
+def test_temperature_sampling_matches_reference_with_seed(diffusion_llm, reference):
+    """Gumbel noise is a pure function of (seed, position, step): vLLM reproduces it."""
+    from vllm import SamplingParams
+
+    prompts = _prompts(3, seed=6)
+    got = _generate(
+        diffusion_llm,
+        prompts,
+        [
+            SamplingParams(temperature=0.7, seed=1000 + i, max_tokens=32, ignore_eos=True)
+            for i in range(3)
+        ],
+    )
+    for i, (prompt, tokens) in enumerate(zip(prompts, got, strict=True)):
+        (r,) = generate_mask_diffusion(
+            reference, [prompt], 32, temperature=0.7, seed=1000 + i, eos_token_id=[]
+        )
+        assert tokens == r.tokens
+    (greedy,) = _generate(diffusion_llm, prompts[:1], _params(32, ignore_eos=True))
+    assert got[0] != greedy
+
+
+def test_requests_without_temperature_decode_greedily(diffusion_llm, reference):
+    prompt = _prompts(1, seed=7)[0]
+    params = diffusion_llm.get_default_sampling_params()
+    params.max_tokens, params.ignore_eos = 32, True
+    (tokens,) = _generate(diffusion_llm, [prompt], params)
+    (r,) = generate_mask_diffusion(reference, [prompt], 32, eos_token_id=[])
+    assert params.temperature == 0.0 and tokens == r.tokens
+
+
+def _diffusion_metrics(llm):
+    return {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:diffusion_")}
+
+
+def _nfe_blocks(llm):
+    def read(worker):
+        s = worker.model_runner.model_state.states
+        return s.total_nfe, s.total_blocks
+
+    return llm.collective_rpc(read)[0]
+
+
+def test_diffusion_metrics_and_nfe_counter(diffusion_llm, reference):
+    """vllm:diffusion_num_denoising_steps = denoiser forwards (NFE) + commit steps.
+
+    Runs before any other engine starts in this process: a new LLM re-registers vLLM's
+    Prometheus collectors (the AR-mode tests live in a later module for that reason).
+    """
+    prompts = _prompts(3, seed=8)
+    m0, (nfe0, blocks0) = _diffusion_metrics(diffusion_llm), _nfe_blocks(diffusion_llm)
+    got = _generate(diffusion_llm, prompts, _params(32, 0.7, ignore_eos=True))
+    m1, (nfe1, blocks1) = _diffusion_metrics(diffusion_llm), _nfe_blocks(diffusion_llm)
+    ref = generate_mask_diffusion(reference, prompts, 32, confidence_threshold=0.7, eos_token_id=[])
+    assert got == [r.tokens for r in ref]
+    nfe, blocks = nfe1 - nfe0, blocks1 - blocks0
+    assert nfe == sum(r.nfe for r in ref) and blocks == 6
+    d = {k: m1[k] - m0.get(k, 0) for k in m1}
+    assert d["vllm:diffusion_num_committed_tokens"] == 96
+    assert d["vllm:diffusion_num_denoising_steps"] == nfe + blocks
+    assert d["vllm:diffusion_num_canvas_positions"] == 16 * (nfe + blocks)
