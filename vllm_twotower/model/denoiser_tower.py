@@ -9,34 +9,18 @@ vLLM's layer registry (see :func:`vllm_twotower._compat.disown_cache_layers`) an
 projections are used; the forward is in :mod:`.two_tower` (adaLN order per layer type).
 
 Time conditioning (``t_embedder``, ``t_block``, ``scale_shift_tables``, top-level names in the
-checkpoint) is tiny and replicated on every TP rank.
+checkpoint) is tiny and replicated on every TP rank; it reuses the reference's modules.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
 from vllm.model_executor.models.nemotron_h import NemotronHModel
 from vllm.model_executor.models.utils import maybe_prefix
 
 from .._compat import disown_cache_layers
-from ..reference.layers import timestep_embedding
 
 
 def build_denoiser_tower(vllm_config, prefix: str) -> NemotronHModel:
     tower = NemotronHModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "denoiser_tower"))
     disown_cache_layers(vllm_config, tower)
     return tower
-
-
-class TimestepEmbedder(nn.Module):
-    """``t_embedder.mlp``: sinusoid(t) -> Linear(256, H) -> SiLU -> Linear(H, H)."""
-
-    def __init__(self, hidden: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        # Same rounding as NVIDIA: t cast to the model dtype before x1000 (spec §9.1).
-        return self.mlp(timestep_embedding(t, self.mlp[0].weight.dtype, self.freq_dim))

@@ -31,9 +31,9 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from .._compat import drop_spec_slots
 from ..config import MASK_TOKEN_ID
 from ..config_hook import twotower_mode
-from ..reference.layers import modulate
+from ..reference.layers import TimestepEmbedder, modulate
 from .context_tower import TOWER_WEIGHTS_MAPPER_KWARGS, ar_weights_mapper, build_context_tower
-from .denoiser_tower import TimestepEmbedder, build_denoiser_tower
+from .denoiser_tower import build_denoiser_tower
 from .mamba import MambaRows, mamba_mixer_forward
 
 
