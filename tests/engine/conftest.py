@@ -7,21 +7,13 @@ every vLLM process, Model Runner V2 via the CPU Triton stand-in.
 import os
 
 import pytest
+from engines import make_llm
 
 from vllm_twotower.testing.make_checkpoint import make_checkpoint
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Lets tests ask the worker for the ModelState's NFE counters through collective_rpc(fn).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-
-# A small token budget, so long prompts are chunked and steps mix prefill, denoise and commit.
-ENGINE_KW = dict(
-    dtype="float32",
-    max_model_len=512,
-    max_num_seqs=8,
-    max_num_batched_tokens=128,
-    disable_log_stats=False,  # so the vllm:diffusion_* metrics are collected
-)
 
 
 @pytest.fixture(scope="session")
@@ -42,21 +34,15 @@ def reference(tiny_checkpoint):
     return load_reference(tiny_checkpoint, router_dtype=torch.float32)
 
 
-def _llm(path, **kw):
-    from vllm import LLM
-
-    return LLM(model=str(path), **{**ENGINE_KW, **kw})
-
-
 @pytest.fixture(scope="session")
-def diffusion_llm(tiny_checkpoint):
-    llm = _llm(tiny_checkpoint)
+def diffusionmake_llm(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="session")
-def ar_llm(tiny_checkpoint):
-    llm = _llm(tiny_checkpoint, hf_overrides={"twotower_mode": "ar"})
+def armake_llm(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint, hf_overrides={"twotower_mode": "ar"})
     yield llm
     llm.llm_engine.engine_core.shutdown()

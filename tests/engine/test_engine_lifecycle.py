@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.engine]
 @pytest.fixture(scope="module")
 def inproc_llm(tiny_checkpoint):
     """An engine in this process, so the scheduler's block pool can be inspected."""
-    from conftest import ENGINE_KW
+    from engines import ENGINE_KW
     from vllm import LLM
 
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
