@@ -35,14 +35,14 @@ def reference(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def diffusionmake_llm(tiny_checkpoint):
+def diffusion_llm(tiny_checkpoint):
     llm = make_llm(tiny_checkpoint)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="session")
-def armake_llm(tiny_checkpoint):
+def ar_llm(tiny_checkpoint):
     llm = make_llm(tiny_checkpoint, hf_overrides={"twotower_mode": "ar"})
     yield llm
     llm.llm_engine.engine_core.shutdown()
