@@ -19,8 +19,12 @@ def model(tmp_path_factory):
     return load_reference(make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny"))
 
 
-def run_engine_like(model, requests, max_tokens):
-    """requests: list of (prompt, DecodeParams, temperature, seed); staggered arrivals."""
+def run_engine_like(model, requests, max_tokens, preempt_at=()):
+    """requests: list of (prompt, DecodeParams, temperature, seed); staggered arrivals.
+
+    ``preempt_at``: engine steps at which the first live request is preempted the way vLLM
+    does it: its slot is re-added (canvas lost) and prompt + committed tokens re-prefilled.
+    """
     states = TwoTowerRequestStates(max_num_reqs=8)
     slots = [7 - i for i in range(len(requests))]  # non-trivial slot numbers
     caches, outputs = {}, {s: [] for s in slots}
@@ -34,9 +38,15 @@ def run_engine_like(model, requests, max_tokens):
             states.add_request(s, params, temp, seed)
             caches[s] = model.new_cache()
             live.append(s)
+        if step in preempt_at and live:
+            s = live[0]
+            _, params, temp, seed = requests[slots.index(s)]
+            states.add_request(s, params, temp, seed)
+            caches[s] = model.new_cache()
         phases = {s: int(states.phase[s]) for s in live}
         for s in [s for s in live if phases[s] == PREFILL]:
-            model.extend_context(caches[s], torch.tensor(requests[slots.index(s)][0]))
+            prefill = requests[slots.index(s)][0] + outputs[s]  # prompt + committed tokens
+            model.extend_context(caches[s], torch.tensor(prefill))
             states.start_block(torch.tensor([s]))
         den = [s for s in live if phases[s] == DENOISE]
         if den:
@@ -56,22 +66,37 @@ def run_engine_like(model, requests, max_tokens):
     return [(outputs[s], int(states.nfe[s])) for s in slots]
 
 
+REQUESTS = [
+    ([5, 100, 200, 300, 17], DecodeParams(0.9, 16), 0.0, 0),
+    (list(range(20, 60)), DecodeParams(0.5, 8), 0.0, 0),
+    ([7], DecodeParams(0.7, 16), 1.0, 123),
+    ([9, 9, 9], DecodeParams(0.8, 4), 0.0, 0),
+]
+
+
+def _reference(model, request, max_tokens):
+    prompt, params, temp, seed = request
+    (ref,) = generate_mask_diffusion(
+        model,
+        [prompt],
+        max_tokens,
+        steps_per_block=params.steps_per_block,
+        confidence_threshold=params.confidence_threshold,
+        temperature=temp,
+        seed=seed,
+    )
+    return ref
+
+
 def test_interleaved_engine_loop_equals_reference(model):
-    requests = [
-        ([5, 100, 200, 300, 17], DecodeParams(0.9, 16), 0.0, 0),
-        (list(range(20, 60)), DecodeParams(0.5, 8), 0.0, 0),
-        ([7], DecodeParams(0.7, 16), 1.0, 123),
-        ([9, 9, 9], DecodeParams(0.8, 4), 0.0, 0),
-    ]
-    got = run_engine_like(model, requests, max_tokens=48)
-    for (prompt, params, temp, seed), (tokens, nfe) in zip(requests, got, strict=True):
-        (ref,) = generate_mask_diffusion(
-            model,
-            [prompt],
-            48,
-            steps_per_block=params.steps_per_block,
-            confidence_threshold=params.confidence_threshold,
-            temperature=temp,
-            seed=seed,
-        )
+    got = run_engine_like(model, REQUESTS, max_tokens=48)
+    for request, (tokens, nfe) in zip(REQUESTS, got, strict=True):
+        ref = _reference(model, request, 48)
         assert tokens == ref.tokens and nfe == ref.nfe
+
+
+def test_preemption_and_recompute_keep_the_tokens(model):
+    """A preempted request restarts its block from scratch after re-prefill: same tokens."""
+    got = run_engine_like(model, REQUESTS, max_tokens=48, preempt_at=(3, 9, 17, 30))
+    for request, (tokens, _) in zip(REQUESTS, got, strict=True):
+        assert tokens == _reference(model, request, 48).tokens
