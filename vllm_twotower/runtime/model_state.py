@@ -136,31 +136,23 @@ class TwoTowerModelState(DefaultModelState):
 
         device = input_batch.input_ids.device
         computed = input_batch.num_computed_tokens_np[:num_reqs]
+
+        def rows_of(rows, slots):
+            if not len(rows):
+                return None
+            return MambaRows.build(
+                query_lens[rows].tolist(),  # 16 for every denoiser row
+                computed[rows].tolist(),
+                [slots[r] for r in rows],
+                self.chunk_size,
+                device,
+            )
+
         ctx_mamba, den_mamba = {}, {}
         for gid in mamba_groups:
+            # In mamba_cache_mode "none" a request's state slot is its first block id.
             state_slots = block_tables[gid][:num_reqs, 0].tolist()
-            ctx = (
-                MambaRows.build(
-                    query_lens[ctx_rows].tolist(),
-                    computed[ctx_rows].tolist(),
-                    [state_slots[r] for r in ctx_rows],
-                    self.chunk_size,
-                    device,
-                )
-                if len(ctx_rows)
-                else None
-            )
-            den = (
-                MambaRows.build(
-                    [BLOCK_SIZE] * len(den_rows),
-                    computed[den_rows].tolist(),
-                    [state_slots[r] for r in den_rows],
-                    self.chunk_size,
-                    device,
-                )
-                if len(den_rows)
-                else None
-            )
+            ctx, den = rows_of(ctx_rows, state_slots), rows_of(den_rows, state_slots)
             for name in kv_cache_config.kv_cache_groups[gid].layer_names:
                 ctx_mamba[name], den_mamba[name] = ctx, den
         self.model.plan = StepPlan(
