@@ -34,3 +34,28 @@ def test_preempted_requests_equal_the_reference(tiny_checkpoint, reference):
             assert list(out.outputs[0].token_ids) == r.tokens[:150]
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def test_generation_config_temperature_is_honoured(tmp_path, reference):
+    """A checkpoint whose generation_config.json sets a temperature serves requests (vLLM
+    0.32 would reject temperature != 1 for every diffusion model) and is the default."""
+    from engines import make_llm
+    from vllm import SamplingParams
+
+    from vllm_twotower.testing.make_checkpoint import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "gen-temp", "tiny", generation_config={"temperature": 0.6})
+    llm = make_llm(path)
+    try:
+        defaults = llm.get_default_sampling_params()
+        assert defaults.temperature == 0.6
+        defaults.max_tokens, defaults.seed, defaults.ignore_eos = 32, 5, True
+        (out,) = llm.generate([{"prompt_token_ids": [9, 8, 7]}], defaults, use_tqdm=False)
+        (r,) = generate_mask_diffusion(
+            reference, [[9, 8, 7]], 32, temperature=0.6, seed=5, eos_token_id=[]
+        )
+        assert list(out.outputs[0].token_ids) == r.tokens
+        greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        assert len(llm.generate([[1, 2]], greedy, use_tqdm=False)[0].outputs[0].token_ids) == 16
+    finally:
+        llm.llm_engine.engine_core.shutdown()
