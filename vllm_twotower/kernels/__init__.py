@@ -9,8 +9,9 @@ Two kernels, each with a pure-PyTorch twin that has the same signature and is it
   the denoiser logits, without materialising a softmax.
 
 Which implementation runs (``impl=None``): tensors on a CUDA device take the compiled op when
-the extension is built and loaded, else Triton; tensors on the CPU take the reference, because
-Triton runs there only under its interpreter, which is for tests (``impl="triton"`` forces it).
+the extension is built and loaded and the dtype is fp16/bf16, else Triton; tensors on the CPU
+take the reference, because Triton runs there only under its interpreter, which is for tests
+(``impl="triton"`` forces it).
 ``impl`` may be ``"cuda"``, ``"triton"`` or ``"reference"`` to pin one (tests, benchmarks).
 """
 
@@ -69,25 +70,25 @@ def available_impls(kernel: str) -> list[str]:
     return out
 
 
-def _pick(kernel: str, device: torch.device, impl: str | None) -> str:
+# The compiled op is built for half precision only (csrc/README.md); fp32 models use Triton.
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _pick(kernel: str, tensor: torch.Tensor, impl: str | None) -> str:
     if impl is not None:
         return impl
-    if device.type != "cuda":
+    if tensor.device.type != "cuda":
         return "reference"
-    if "cuda" in _TABLE[kernel] and _cuda_op_loaded():
+    if "cuda" in _TABLE[kernel] and tensor.dtype in _CUDA_DTYPES and _cuda_op_loaded():
         return "cuda"
     return "triton"
 
 
 def block_attention(query: torch.Tensor, *args: Any, impl: str | None = None, **kw: Any):
     """See :func:`vllm_twotower.kernels.block_attention_ref.block_attention_reference`."""
-    return _load("block_attention", _pick("block_attention", query.device, impl))(
-        query, *args, **kw
-    )
+    return _load("block_attention", _pick("block_attention", query, impl))(query, *args, **kw)
 
 
 def confidence_unmask(logits: torch.Tensor, *args: Any, impl: str | None = None, **kw: Any):
     """See :func:`vllm_twotower.reference.unmask.unmask_step` (same arguments and result)."""
-    return _load("confidence_unmask", _pick("confidence_unmask", logits.device, impl))(
-        logits, *args, **kw
-    )
+    return _load("confidence_unmask", _pick("confidence_unmask", logits, impl))(logits, *args, **kw)
