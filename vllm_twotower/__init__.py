@@ -15,6 +15,10 @@ ARCHITECTURE = "NemotronHTwoTowerForCausalLM"
 # "module:Class" keeps registration lazy: vLLM imports the model only to serve it.
 MODEL_CLASS = "vllm_twotower.model.two_tower:NemotronHTwoTowerForCausalLM"
 
+# Under vLLM's logger, so records use its handlers, format and VLLM_LOGGING_LEVEL: vLLM 0.32
+# configures only the "vllm" logger (no propagation), and does so lazily, after plugins load.
+LOGGER_NAME = "vllm.twotower"
+
 _registered = False
 
 
@@ -26,7 +30,7 @@ def register() -> None:
     _registered = True
     import logging
 
-    logger = logging.getLogger(__name__)
+    logger = logging.getLogger(LOGGER_NAME)
     # Arms the CPU Triton stand-in if vLLM is not imported yet (normally the .pth did it).
     _cpu_triton.install()
     try:
@@ -38,6 +42,7 @@ def register() -> None:
         _compat.install_config_hook()
         _compat.install_request_validation()
         _compat.install_block_room_check()
+        _compat.install_prompt_logprobs_head()
         _compat.install_cpu_moe()
     except Exception:  # a broken plugin must not take vLLM down with it
         logger.exception("vllm_twotower: registering %s failed", ARCHITECTURE)

@@ -217,7 +217,7 @@ def install_request_validation() -> None:
 
     def _validate_diffusion(self, model_config):
         if model_config.is_diffusion and model_config.architecture == ARCHITECTURE:
-            validate_twotower_request(self)
+            validate_twotower_request(self, model_config)
         else:
             original(self, model_config)
 
@@ -225,28 +225,86 @@ def install_request_validation() -> None:
     SamplingParams._validate_diffusion = _validate_diffusion
 
 
-def validate_twotower_request(params) -> None:
-    """Reject what diffusion decoding cannot honour, naming the field (HTTP 400 upstream)."""
+def validate_twotower_request(params, model_config=None) -> None:
+    """Reject what diffusion decoding cannot honour, naming the field (HTTP 400 upstream).
+
+    Supported: temperature (0 = greedy, > 0 = Gumbel-max per canvas position), seed,
+    max_tokens, stop/stop_token_ids, n, logprobs (top-k at the committing step, see
+    README "Logprobs"), prompt_logprobs (context tower) and the diffusion knobs in
+    ``extra_args``. Everything that reshapes the distribution per token is refused rather
+    than silently ignored: the commit rule compares unfiltered confidences with γ.
+    """
     from vllm.exceptions import VLLMValidationError
 
-    from .config import parse_decode_params
+    from .config import max_sample_logprobs, parse_decode_params
 
+    eps = 1e-6
     unsupported = {
-        "min_p": params.min_p > 1e-6,
+        "top_p": params.top_p < 1.0 - eps,
+        "top_k": params.top_k not in (0, -1),
+        "min_p": params.min_p > eps,
+        "repetition_penalty": abs(params.repetition_penalty - 1.0) > eps,
+        "presence_penalty": abs(params.presence_penalty) > eps,
+        "frequency_penalty": abs(params.frequency_penalty) > eps,
         "min_tokens": params.min_tokens > 0,
         "logit_bias": bool(params.logit_bias),
         "bad_words": bool(params.bad_words),
         "allowed_token_ids": bool(params.allowed_token_ids),
+        "logprob_token_ids": getattr(params, "logprob_token_ids", None) is not None,
     }
     for name, bad in unsupported.items():
         if bad:
             raise VLLMValidationError(
-                f"{name} is not supported by TwoTower diffusion decoding", parameter=name
+                f"{name} is not supported by TwoTower diffusion decoding "
+                f"(got {getattr(params, name)!r})",
+                parameter=name,
+                value=getattr(params, name),
+            )
+    if params.logprobs is not None and model_config is not None:
+        cap = max_sample_logprobs(model_config.max_logprobs)
+        if params.logprobs < 0 or params.logprobs > cap:
+            raise VLLMValidationError(
+                f"logprobs must be between 0 and {cap} for TwoTower diffusion decoding "
+                f"(got {params.logprobs})",
+                parameter="logprobs",
+                value=params.logprobs,
             )
     try:
         parse_decode_params(params.extra_args)
     except ValueError as exc:
         raise VLLMValidationError(str(exc), parameter="vllm_xargs") from exc
+
+
+def install_prompt_logprobs_head() -> None:
+    """Score prompt tokens with the context tower's head (vLLM 0.32 Model Runner V2).
+
+    The runner hands ``model.compute_logits`` to ``PromptLogprobsWorker`` for prompt
+    logprobs (``prompt_logprobs``, ``echo`` + ``logprobs``, lm-eval's loglikelihood). In
+    diffusion mode ``compute_logits`` is the denoiser's head (every sampling row is a canvas
+    position), but prompt rows are context-tower rows and their likelihood is the context
+    tower's AR prediction. The two worker methods are wrapped to swap in
+    ``model.compute_context_logits`` when the bound model has one, and to route the result
+    through the model's ``prompt_logprobs_stash`` (see ``runtime/prompt_logprobs.py``: vLLM
+    sends prompt logprobs only with new tokens); other models are untouched.
+    """
+    from vllm.v1.worker.gpu.sample.prompt_logprob import PromptLogprobsWorker
+
+    def swap(method):
+        if getattr(method, "_twotower", False):
+            return method
+
+        def wrapped(self, logits_fn, *args, **kwargs):
+            model = getattr(logits_fn, "__self__", None)
+            context_head = getattr(model, "compute_context_logits", None)
+            out = method(self, context_head or logits_fn, *args, **kwargs)
+            stash = getattr(model, "prompt_logprobs_stash", None)
+            return out if stash is None else stash.exchange(method.__name__, out)
+
+        wrapped._twotower = True
+        return wrapped
+
+    for name in ("compute_prompt_logprobs", "compute_prompt_token_id_logprobs"):
+        setattr(PromptLogprobsWorker, name, swap(getattr(PromptLogprobsWorker, name)))
 
 
 def install_block_room_check() -> None:

@@ -40,6 +40,9 @@ class GenerationResult:
     nfe: int  # denoiser forwards (diffusion, mock-AR) or context forwards (AR)
     block_steps: list[int] = field(default_factory=list)  # diffusion: denoiser forwards per block
     step_commits: list[list[int]] = field(default_factory=list)  # diffusion: commits per step
+    # diffusion: per token, its log-probability at the step that committed it (unscaled
+    # denoiser logits, [MASK] excluded): what the engine reports as the sample logprob.
+    logprobs: list[float] = field(default_factory=list)
 
     def output_ids(self, max_tokens: int | None = None, stop_token_ids=()) -> list[int]:
         """What vLLM returns: cut after the first stop token (kept), then at ``max_tokens``."""
@@ -98,6 +101,7 @@ def generate_mask_diffusion(
         offsets = torch.tensor([caches[r].length for r in active])
         positions = offsets[:, None] + torch.arange(block_size)
         forwards = [0] * len(active)
+        commit_logprobs = torch.zeros(len(active), block_size)
         for step in range(steps_per_block):
             live = (canvas == mask_token_id).any(-1).nonzero()[:, 0]
             if len(live) == 0:
@@ -118,6 +122,7 @@ def generate_mask_diffusion(
                 mask_token_id=mask_token_id,
             )
             canvas[live] = res.canvas
+            commit_logprobs[live] = torch.where(res.commit, res.logprob, commit_logprobs[live])
             for j, i in enumerate(live.tolist()):
                 forwards[i] += 1
                 results[active[i]].step_commits.append(int(res.commit[j].sum()))
@@ -126,6 +131,7 @@ def generate_mask_diffusion(
         for i, r in enumerate(active):
             toks = canvas[i].tolist()
             results[r].tokens += toks
+            results[r].logprobs += commit_logprobs[i].tolist()
             results[r].nfe += forwards[i]
             results[r].block_steps.append(forwards[i])
             if not eos.intersection(toks) and not finished_block:

@@ -7,7 +7,8 @@ Per row, by phase (:mod:`.request_state`):
   ``num_rejected=16``, so vLLM's scheduler rolls the canvas positions back and schedules
   them again;
 * COMMIT: the context tower has just run over the finished canvas; its 16 tokens are emitted
-  (``num_sampled=16``, ``num_rejected=0``) and vLLM trims them at EOS/stop/``max_tokens``.
+  (``num_sampled=16``, ``num_rejected=0``) and vLLM trims them at EOS/stop/``max_tokens``;
+  with their logprobs (recorded when each position committed) when the request asked.
 
 The canvas the next step feeds in is written to the runner's ``req_states.draft_tokens``.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from vllm.v1.outputs import LogprobsTensors
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
 from ..config import BLOCK_SIZE, parse_decode_params
@@ -29,11 +31,12 @@ _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 
 
 class TwoTowerSampler:
-    def __init__(self, sampler: Any, states: TwoTowerRequestStates):
+    def __init__(self, sampler: Any, states: TwoTowerRequestStates, stash=None):
         self.sampling_states = sampler.sampling_states
         self.logprob_token_ids_state = sampler.logprob_token_ids_state
         self.req_states = sampler.req_states
         self.states = states
+        self.stash = stash  # told which requests emit, so their prompt logprobs go out too
 
     @property
     def penalties_state(self):
@@ -44,7 +47,14 @@ class TwoTowerSampler:
         self.logprob_token_ids_state.add_request(req_idx, sampling_params)
         params = parse_decode_params(sampling_params.extra_args)
         seed = sampling_params.seed if sampling_params.seed is not None else 0
-        self.states.add_request(req_idx, params, float(sampling_params.temperature), seed)
+        logprobs = sampling_params.logprobs
+        self.states.add_request(
+            req_idx,
+            params,
+            float(sampling_params.temperature),
+            seed,
+            -1 if logprobs is None else int(logprobs),
+        )
 
     def apply_staged_writes(self) -> None:
         self.sampling_states.apply_staged_writes()
@@ -53,6 +63,22 @@ class TwoTowerSampler:
     def _publish(self, slots: torch.Tensor) -> None:
         self.req_states.draft_tokens[slots, :BLOCK_SIZE] = self.states.canvas[slots].to(
             self.req_states.draft_tokens.dtype
+        )
+
+    def _logprobs(self, commit: np.ndarray, commit_slots: torch.Tensor, num_reqs: int):
+        """The committed blocks' logprobs: 16 rows per committing request, none for others
+        (``cu_num_generated_tokens`` tells vLLM which rows are whose)."""
+        k = int(self.states.num_logprobs[commit_slots.cpu()].max())
+        if k < 0:
+            return None
+        per_req = np.zeros(num_reqs, dtype=np.int64)
+        per_req[commit] = BLOCK_SIZE
+        s = self.states
+        return LogprobsTensors(
+            logprob_token_ids=s.lp_ids[commit_slots, :, : k + 1].flatten(0, 1).clone(),
+            logprobs=s.lp_vals[commit_slots, :, : k + 1].flatten(0, 1).clone(),
+            selected_token_ranks=s.lp_rank[commit_slots].flatten().clone(),
+            cu_num_generated_tokens=[0, *np.cumsum(per_req).tolist()],
         )
 
     def __call__(self, logits: torch.Tensor, input_batch, draft_logits=None) -> SamplerOutput:
@@ -90,15 +116,19 @@ class TwoTowerSampler:
             num_rejected[torch.from_numpy(den).to(device)] = BLOCK_SIZE
 
         commit = np.nonzero(phase == COMMIT)[0]
+        if self.stash is not None:
+            self.stash.emitting = {input_batch.req_ids[i] for i in commit}
+        logprobs = None
         if len(commit):
             commit_slots = torch.from_numpy(slots_np[commit]).to(device)
             idx = torch.from_numpy(commit).to(device)
+            logprobs = self._logprobs(commit, commit_slots, num_reqs)
             sampled[idx] = states.commit(commit_slots).to(torch.int32)
             num_sampled[idx] = BLOCK_SIZE
             self._publish(commit_slots)
         return SamplerOutput(
             sampled_token_ids=sampled,
-            logprobs_tensors=None,
+            logprobs_tensors=logprobs,
             num_nans=None,
             num_sampled=num_sampled,
             num_rejected=num_rejected,
