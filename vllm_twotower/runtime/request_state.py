@@ -122,11 +122,12 @@ class TwoTowerRequestStates:
 
     def _record_logprobs(self, slots: torch.Tensor, logits: torch.Tensor, res) -> None:
         """Store the logprobs of the positions this step commits, for requests asking."""
-        want = self.num_logprobs[slots.cpu()] >= 0
+        asked = self.num_logprobs[slots.cpu()]
+        want = asked >= 0
         if not bool(want.any()):
             return
         rows = torch.nonzero(want.to(slots.device))[:, 0]
-        k = int(self.num_logprobs[slots.cpu()][want].max())
+        k = int(asked[want].max())
         logp = logits[rows].float()
         logp[..., MASK_TOKEN_ID] = MASK_LOGIT  # the mask token is never a candidate
         logp = torch.log_softmax(logp, dim=-1)

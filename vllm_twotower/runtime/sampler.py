@@ -74,10 +74,11 @@ class TwoTowerSampler:
         per_req = np.zeros(num_reqs, dtype=np.int64)
         per_req[commit] = BLOCK_SIZE
         s = self.states
+        # Advanced indexing copies: the next block's records cannot reach these rows.
         return LogprobsTensors(
-            logprob_token_ids=s.lp_ids[commit_slots, :, : k + 1].flatten(0, 1).clone(),
-            logprobs=s.lp_vals[commit_slots, :, : k + 1].flatten(0, 1).clone(),
-            selected_token_ranks=s.lp_rank[commit_slots].flatten().clone(),
+            logprob_token_ids=s.lp_ids[commit_slots, :, : k + 1].flatten(0, 1),
+            logprobs=s.lp_vals[commit_slots, :, : k + 1].flatten(0, 1),
+            selected_token_ranks=s.lp_rank[commit_slots].flatten(),
             cu_num_generated_tokens=[0, *np.cumsum(per_req).tolist()],
         )
 
